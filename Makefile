@@ -1,0 +1,39 @@
+# `make test` and `make demo` set up everything themselves on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo lint bench graphviz clean
+
+$(STAMP): pyproject.toml examples/plugin_package/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e examples/plugin_package
+	touch $(STAMP)
+
+# The `dot` renderer is a system package; install it when missing and we may (root + apt-get).
+graphviz:
+	@command -v dot >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq graphviz) >/dev/null \
+	      || echo "could not install graphviz; rendering tests will be skipped"; \
+	  else echo "graphviz 'dot' not found: install it (apt-get install graphviz) to render images"; fi; }
+
+test: $(STAMP) graphviz
+	$(BIN)/ruff check graphengine plugins viz tests examples benchmarks
+	$(BIN)/python -m pytest
+
+demo: $(STAMP) graphviz
+	$(BIN)/graphengine demo vanishing --out demo_output
+
+lint: $(STAMP)
+	$(BIN)/ruff check graphengine plugins viz tests examples benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) demo_output build *.egg-info

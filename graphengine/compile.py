@@ -1,0 +1,168 @@
+"""Graph -> Plan: validate, prune to what the targets need, order, and plan memory.
+
+A Plan is a flat list of steps over numbered value slots. For each slot it knows the last step
+that reads it in the forward pass, and whether a backward step reads it later (an operator's
+``retain_inputs``/``retain_output``), so every intermediate is released right after its last use,
+as Theano's VM does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+from .errors import CompileError
+from .operators import Constant, Input, Operator, Parameter, TensorSpec
+
+
+@dataclass
+class Step:
+    """One operator application: ``slots[out] = op.forward(xp, *slots[args])``."""
+
+    name: str
+    op: Operator
+    out: int
+    args: tuple[int, ...]
+    #: Slots no later forward step reads and no backward step keeps: released after this step.
+    release: tuple[int, ...] = ()
+
+
+@dataclass
+class BackwardStep:
+    step: Step
+    #: For each argument: the slot whose value backward reads, or -1 (it gets None).
+    kept_args: tuple[int, ...]
+    kept_out: int
+    #: For each argument: the slot its gradient accumulates into, or -1 (no gradient wanted).
+    grad_to: tuple[int, ...]
+    #: Retained values this step was the last backward reader of: released after it.
+    release: tuple[int, ...] = ()
+
+
+@dataclass
+class Plan:
+    """An executable schedule for a set of target nodes."""
+
+    targets: tuple[str, ...]
+    slots: dict[str, int]
+    specs: list[TensorSpec]
+    feeds: tuple[str, ...]
+    parameters: tuple[str, ...]
+    constants: tuple[str, ...]
+    steps: list[Step]
+    retained: frozenset[int] = frozenset()
+    backward: list[BackwardStep] = field(default_factory=list)
+    loss: str | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.slots)
+
+
+def check_acyclic(dag: nx.DiGraph) -> None:
+    if not nx.is_directed_acyclic_graph(dag):
+        cycle = " -> ".join(str(u) for u, _ in nx.find_cycle(dag))
+        raise CompileError(f"the graph has a cycle ({cycle}); a static graph must be acyclic")
+
+
+def build_plan(graph, targets: Iterable[str], *, loss: str | None = None,
+               wrt: Iterable[str] = (), keep: Iterable[str] = (),
+               frozen: Iterable[str] = ()) -> Plan:
+    """Plan the nodes ``targets`` need. With ``loss``, also plan the backward pass from it to the
+    trainable parameters (less those ``frozen``) and to the sources named in ``wrt``. ``keep`` names nodes whose values
+    must survive the step (besides the targets)."""
+    dag = graph.dag
+    check_acyclic(dag)
+    targets = tuple(dict.fromkeys(targets))
+    for t in targets:
+        if t not in graph.nodes:
+            raise CompileError(f"graph {graph.name!r} has no node {t!r}")
+    needed: set[str] = set(targets)
+    for t in targets:
+        needed |= nx.ancestors(dag, t)
+    order = [n for n in nx.lexicographical_topological_sort(dag.subgraph(needed),
+                                                             key=_insertion_order(graph))]
+    slots = {name: i for i, name in enumerate(order)}
+    nodes = graph.nodes
+    steps = [Step(n, nodes[n].op, slots[n], tuple(slots[i] for i in nodes[n].inputs))
+             for n in order if not graph.is_source(n)]
+    plan = Plan(
+        targets=targets, slots=slots, specs=[nodes[n].spec for n in order],
+        feeds=tuple(n for n in order if isinstance(nodes[n].op, Input)),
+        parameters=tuple(n for n in order if isinstance(nodes[n].op, Parameter)),
+        constants=tuple(n for n in order if isinstance(nodes[n].op, Constant)),
+        steps=steps, loss=loss)
+    if loss is not None:
+        _plan_backward(graph, plan, loss, set(wrt), set(frozen))
+    _plan_releases(plan, {slots[n] for n in (*targets, *keep) if n in slots})
+    return plan
+
+
+def _insertion_order(graph):
+    position = {name: i for i, name in enumerate(graph.nodes)}
+    return lambda name: f"{position[name]:09d}"
+
+
+def _plan_backward(graph, plan: Plan, loss: str, wrt: set[str], frozen: set[str]) -> None:
+    nodes = graph.nodes
+    spec = nodes[loss].spec
+    if spec.shape != ():
+        raise CompileError(f"the loss {loss!r} must be a scalar, but its shape is {spec.shape}; "
+                           f"reduce it with .mean() or .sum()")
+    if not spec.dtype.startswith("float"):
+        raise CompileError(f"the loss {loss!r} must be floating point, got {spec.dtype}")
+    sources = {n for n in plan.parameters if nodes[n].op.trainable and n not in frozen}
+    sources |= wrt & set(plan.slots)
+    flows: set[str] = set(sources)  # nodes a gradient reaches: downstream of a source, upstream of the loss
+    for name in plan.slots:
+        node = nodes[name]
+        if not graph.is_source(name):
+            differentiable = [i for k, i in enumerate(node.inputs)
+                              if k not in node.op.nondifferentiable_inputs]
+            if any(i in flows for i in differentiable):
+                flows.add(name)
+    upstream = nx.ancestors(graph.dag, loss) | {loss}
+    flows &= upstream
+    if loss not in flows:
+        raise CompileError(f"no trainable parameter (or input asked for) influences the loss "
+                           f"{loss!r}: nothing to differentiate")
+    slots = plan.slots
+    retained: set[int] = set()
+    for step in reversed(plan.steps):
+        if step.name not in flows:
+            continue
+        op = step.op
+        kept_args = tuple(a if k in op.retain_inputs else -1 for k, a in enumerate(step.args))
+        kept_out = step.out if op.retain_output else -1
+        grad_to = tuple(slots[i] if i in flows and k not in op.nondifferentiable_inputs else -1
+                        for k, i in enumerate(nodes[step.name].inputs))
+        retained |= {s for s in (*kept_args, kept_out) if s >= 0}
+        plan.backward.append(BackwardStep(step, kept_args, kept_out, grad_to))
+    plan.retained = frozenset(retained)
+    # A retained value is released after the last backward step that reads it (the earliest
+    # in forward order), unless it is a source (inputs and parameters outlive the step).
+    sources_slots = {slots[n] for n in (*plan.feeds, *plan.parameters, *plan.constants)}
+    seen: set[int] = set(sources_slots)
+    for bstep in reversed(plan.backward):
+        reads = {s for s in (*bstep.kept_args, bstep.kept_out) if s >= 0} - seen
+        seen |= reads
+        bstep.release = tuple(sorted(reads))
+
+
+def _plan_releases(plan: Plan, keep: set[int]) -> None:
+    last_read: dict[int, int] = {}
+    for k, step in enumerate(plan.steps):
+        for a in step.args:
+            last_read[a] = k
+    outputs = {step.out for step in plan.steps}
+    releases: dict[int, list[int]] = {}
+    for slot in outputs:
+        if slot in keep or slot in plan.retained:
+            continue
+        # A value nobody reads is released right after it is made.
+        when = last_read.get(slot, next(k for k, s in enumerate(plan.steps) if s.out == slot))
+        releases.setdefault(when, []).append(slot)
+    for k, step in enumerate(plan.steps):
+        step.release = tuple(sorted(releases.get(k, ())))

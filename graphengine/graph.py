@@ -1,0 +1,434 @@
+"""Building graphs: the Graph builder, symbolic Tensor handles and nodes.
+
+Nodes live in a networkx DiGraph (edges run from an input to its consumer). Every node's shape
+and dtype are inferred when it is added, so mistakes surface at build time, naming the node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import networkx as nx
+import numpy as np
+
+from .base import ActivationOp, Layer, LossOp
+from .errors import GraphBuildError, ShapeError
+from .operators import (
+    PRIMITIVES,
+    Constant,
+    Input,
+    Operator,
+    Parameter,
+    Shape,
+    Source,
+    TensorSpec,
+    encode_index,
+)
+from .plugins import get_plugin_manager
+
+if TYPE_CHECKING:
+    from .base import Optimizer
+    from .model import Model
+
+DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
+
+
+@dataclass
+class Node:
+    name: str
+    op: Operator
+    inputs: tuple[str, ...]
+    spec: TensorSpec
+    layer: str | None = None  # the name scope (layer) that built this node
+    origin: str | None = None  # "file.py:12" of the user code that built it
+
+    @property
+    def kind(self) -> str:
+        return self.op.kind
+
+    @property
+    def shape(self) -> Shape:
+        return self.spec.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.spec.dtype
+
+
+class Tensor:
+    """A symbolic handle on a node's output. Arithmetic on tensors adds nodes to their graph."""
+
+    __slots__ = ("graph", "name")
+
+    def __init__(self, graph: Graph, name: str) -> None:
+        self.graph = graph
+        self.name = name
+
+    @property
+    def node(self) -> Node:
+        return self.graph.nodes[self.name]
+
+    @property
+    def shape(self) -> Shape:
+        return self.node.spec.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.node.spec.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __repr__(self) -> str:
+        return f"<Tensor {self.name!r} {self.node.spec} from {self.node.kind}>"
+
+    def _binary(self, kind: str, other: Any, reverse: bool = False) -> Tensor:
+        other = self.graph.as_tensor(other, like=self)
+        a, b = (other, self) if reverse else (self, other)
+        return self.graph.op(kind, a, b)
+
+    def __add__(self, other): return self._binary("add", other)
+    def __radd__(self, other): return self._binary("add", other, reverse=True)
+    def __sub__(self, other): return self._binary("sub", other)
+    def __rsub__(self, other): return self._binary("sub", other, reverse=True)
+    def __mul__(self, other): return self._binary("mul", other)
+    def __rmul__(self, other): return self._binary("mul", other, reverse=True)
+    def __truediv__(self, other): return self._binary("div", other)
+    def __rtruediv__(self, other): return self._binary("div", other, reverse=True)
+    def __matmul__(self, other): return self._binary("matmul", other)
+    def __rmatmul__(self, other): return self._binary("matmul", other, reverse=True)
+    def __neg__(self): return self.graph.op("neg", self)
+    def __pow__(self, exponent: float): return self.graph.op("pow", self, exponent=exponent)
+
+    def __getitem__(self, key: Any) -> Tensor:
+        key = key if isinstance(key, tuple) else (key,)
+        return self.graph.op("index", self, key=[encode_index(k) for k in key])
+
+    def exp(self) -> Tensor: return self.graph.op("exp", self)
+    def log(self) -> Tensor: return self.graph.op("log", self)
+    def sqrt(self) -> Tensor: return self.graph.op("sqrt", self)
+    def abs(self) -> Tensor: return self.graph.op("abs", self)
+
+    def sum(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Tensor:
+        return self.graph.op("sum", self, axis=axis, keepdims=keepdims)
+
+    def mean(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Tensor:
+        return self.graph.op("mean", self, axis=axis, keepdims=keepdims)
+
+    def reshape(self, *shape: int | None) -> Tensor:
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        return self.graph.op("reshape", self, shape=shape)
+
+    def transpose(self, *axes: int) -> Tensor:
+        return self.graph.op("transpose", self, axes=axes or None)
+
+    @property
+    def T(self) -> Tensor:
+        return self.transpose()
+
+
+class Graph:
+    """A static computation graph under construction.
+
+    >>> g = Graph("mlp")
+    >>> x = g.input("x", shape=(None, 64))
+    >>> h = g.activation("relu", g.layer("dense", x, units=32, name="fc1"))
+    """
+
+    def __init__(self, name: str = "graph") -> None:
+        self.name = name
+        self.dag = nx.DiGraph()
+        self.nodes: dict[str, Node] = {}
+        #: The top-level builder calls, in order: replaying them rebuilds the graph (saving).
+        self.calls: list[dict[str, Any]] = []
+        self._scopes: list[str] = []
+        self._depth = 0
+        self._counters: dict[str, int] = {}
+        self._origin: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<Graph {self.name!r}: {len(self.nodes)} nodes>"
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.nodes
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self.nodes:
+            raise GraphBuildError(f"graph {self.name!r} has no node {name!r}")
+        return Tensor(self, name)
+
+    # -- naming ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def name_scope(self, scope: str) -> Iterator[None]:
+        """Nodes created inside are named ``scope/...`` and belong to layer ``scope``."""
+        self._scopes.append(scope)
+        try:
+            yield
+        finally:
+            self._scopes.pop()
+
+    def _full_name(self, name: str | None, kind: str) -> str:
+        prefix = "/".join(self._scopes)
+        if name is None:
+            base = f"{prefix}/{kind}" if prefix else kind
+            n = self._counters.get(base, 0)
+            while True:
+                candidate = base if n == 0 and prefix else f"{base}_{n}"
+                n += 1
+                if candidate not in self.nodes:
+                    self._counters[base] = n
+                    return candidate
+        if not isinstance(name, str) or not name:
+            raise GraphBuildError(f"node names must be non-empty strings, got {name!r}")
+        full = f"{prefix}/{name}" if prefix else name
+        if full in self.nodes:
+            raise GraphBuildError(f"graph {self.name!r} already has a node named {full!r}; "
+                                  f"pass another name=")
+        return full
+
+    # -- recording (saved graphs replay these calls) ---------------------------------------
+
+    @contextlib.contextmanager
+    def _recording(self, call: dict[str, Any]) -> Iterator[None]:
+        """Wrap one builder call. A top-level call is logged once it succeeds; if it fails,
+        the nodes it added are removed again, so a failed call leaves the graph as it was."""
+        top = self._depth == 0
+        if top:
+            self._origin = _user_origin()
+            before = len(self.nodes)
+        self._depth += 1
+        try:
+            yield
+        except BaseException:
+            if top:
+                for name in list(self.nodes)[before:]:
+                    del self.nodes[name]
+                    self.dag.remove_node(name)
+            raise
+        finally:
+            self._depth -= 1
+        if top:
+            self.calls.append(call)
+
+    # -- adding nodes ----------------------------------------------------------------------
+
+    def _add(self, op: Operator, inputs: Sequence[Tensor], name: str) -> Tensor:
+        for t in inputs:
+            if not isinstance(t, Tensor):
+                raise GraphBuildError(f"node {name!r} ({op.kind}): inputs must be tensors of this "
+                                      f"graph, got {type(t).__name__}")
+            if t.graph is not self:
+                raise GraphBuildError(f"node {name!r} ({op.kind}): input {t.name!r} belongs to "
+                                      f"graph {t.graph.name!r}, not {self.name!r}")
+        if any(node.op is op for node in self.nodes.values()):
+            raise GraphBuildError(f"node {name!r}: operator {op!r} already belongs to another "
+                                  f"node; create one operator instance per node")
+        specs = [t.node.spec for t in inputs]
+        try:
+            spec = op.infer(*specs)
+        except ShapeError as exc:
+            shapes = ", ".join(f"{t.name} {t.node.spec}" for t in inputs)
+            raise ShapeError(f"node {name!r} ({op.kind}): {exc} [inputs: {shapes}]") from None
+        node = Node(name, op, tuple(t.name for t in inputs), spec,
+                    layer="/".join(self._scopes) or None, origin=self._origin)
+        self.nodes[name] = node
+        self.dag.add_node(name)
+        for t in inputs:
+            self.dag.add_edge(t.name, name)
+        return Tensor(self, name)
+
+    def input(self, name: str, shape: Sequence[int | None], dtype: str = "float32") -> Tensor:
+        """A value fed at run time; ``None`` in ``shape`` marks the batch dimension."""
+        shape = _check_shape(shape, f"input {name!r}")
+        dtype = _check_dtype(dtype, f"input {name!r}")
+        with self._recording({"call": "input", "name": name, "shape": list(shape), "dtype": dtype}):
+            return self._add(Input(TensorSpec(shape, dtype)), [], self._full_name(name, "input"))
+
+    def parameter(self, name: str, shape: Sequence[int], init: Any = "xavier",
+                  trainable: bool = True, decay: bool | None = None,
+                  dtype: str = "float32") -> Tensor:
+        """A trainable array. ``init`` is an initializer name, or ``{"name": ..., **config}``.
+
+        ``decay`` says whether weight penalties (L1/L2) apply; by default they apply to
+        parameters of two or more dimensions (weights), not to biases.
+        """
+        shape = _check_shape(shape, f"parameter {name!r}")
+        if None in shape:
+            raise ShapeError(f"parameter {name!r}: shape {shape} must be fully known")
+        dtype = _check_dtype(dtype, f"parameter {name!r}")
+        get_plugin_manager().initializers.get(init if isinstance(init, str) else init["name"])
+        call = {"call": "parameter", "name": name, "shape": list(shape), "init": init,
+                "trainable": trainable, "decay": decay, "dtype": dtype}
+        with self._recording(call):
+            op = Parameter(TensorSpec(shape, dtype), init, trainable, decay)
+            return self._add(op, [], self._full_name(name, "parameter"))
+
+    def constant(self, value: Any, name: str | None = None, dtype: str | None = None) -> Tensor:
+        """A fixed array, stored with the graph."""
+        array = np.asarray(value)
+        dtype = _check_dtype(dtype or ("float32" if array.dtype.kind == "f" else str(array.dtype)),
+                             "constant")
+        array = array.astype(dtype)
+        with self._recording({"call": "constant", "name": name, "value": array, "dtype": dtype}):
+            op = Constant(TensorSpec(array.shape, dtype), array)
+            return self._add(op, [], self._full_name(name, "const"))
+
+    def as_tensor(self, value: Any, like: Tensor) -> Tensor:
+        """``value`` if it is a tensor, else a constant with ``like``'s dtype."""
+        if isinstance(value, Tensor):
+            return value
+        return self.constant(value, dtype=like.dtype)
+
+    def apply(self, op: Operator, *inputs: Tensor, name: str | None = None) -> Tensor:
+        """Add a node computing ``op`` on ``inputs``: the way layers add their own operators."""
+        if self._depth == 0:
+            raise GraphBuildError(
+                f"{op!r}: custom operators are added from inside a layer's build(); register the "
+                f"layer as a plugin so graphs using it can be saved and rebuilt")
+        return self._add(op, list(inputs), self._full_name(name, op.kind))
+
+    def op(self, kind: str, *inputs: Tensor, name: str | None = None, **config: Any) -> Tensor:
+        """A primitive operator by name: ``g.op("matmul", x, w)``."""
+        if kind not in PRIMITIVES:
+            from .errors import UnknownNameError, did_you_mean
+            raise UnknownNameError(f"unknown primitive operator {kind!r}."
+                                   f"{did_you_mean(kind, PRIMITIVES)}")
+        call = {"call": "op", "kind": kind, "inputs": [t.name for t in inputs], "name": name,
+                "config": config}
+        with self._recording(call):
+            return self._add(PRIMITIVES[kind](**config), inputs, self._full_name(name, kind))
+
+    def layer(self, kind: str, *inputs: Tensor, name: str | None = None, **config: Any) -> Tensor:
+        """Build a registered layer: ``g.layer("dense", x, units=128, name="fc1")``."""
+        entry = get_plugin_manager().layers.entry(kind)
+        layer = _construct(entry, "layer", kind, config)
+        scope = self._layer_scope(name, kind)
+        call = {"call": "layer", "kind": kind, "inputs": [t.name for t in inputs], "name": scope,
+                "config": config}
+        with self._recording(call), self.name_scope(scope):
+            out = layer.build(self, *inputs)
+        if not isinstance(out, Tensor):
+            raise GraphBuildError(f"layer {kind!r} from {entry.origin()} returned "
+                                  f"{type(out).__name__} from build(), not a Tensor")
+        return out
+
+    def _layer_scope(self, name: str | None, kind: str) -> str:
+        prefix = "/".join(self._scopes)
+
+        def taken(scope: str) -> bool:
+            full = f"{prefix}/{scope}" if prefix else scope
+            return full in self.nodes or any(k.startswith(full + "/") for k in self.nodes)
+
+        if name is not None:
+            if taken(name):
+                raise GraphBuildError(f"graph {self.name!r} already has a layer or node named "
+                                      f"{name!r}; pass another name=")
+            return name
+        n = self._counters.get(f"layer:{kind}", 0)
+        while taken(f"{kind}{n}"):
+            n += 1
+        self._counters[f"layer:{kind}"] = n + 1
+        return f"{kind}{n}"
+
+    def activation(self, kind: str, x: Tensor, name: str | None = None, **config: Any) -> Tensor:
+        """Apply a registered activation: ``g.activation("relu", h)``."""
+        entry = get_plugin_manager().activations.entry(kind)
+        activation = _construct(entry, "activation", kind, config)
+        call = {"call": "activation", "kind": kind, "inputs": [x.name], "name": name,
+                "config": config}
+        with self._recording(call):
+            return self._add(ActivationOp(kind, activation), [x], self._full_name(name, kind))
+
+    def loss(self, kind: str, pred: Tensor, target: Tensor, name: str | None = None,
+             **config: Any) -> Tensor:
+        """Apply a registered loss to a prediction and a target: a scalar tensor."""
+        entry = get_plugin_manager().losses.entry(kind)
+        loss = _construct(entry, "loss", kind, config)
+        call = {"call": "loss", "kind": kind, "inputs": [pred.name, target.name], "name": name,
+                "config": config}
+        with self._recording(call):
+            return self._add(LossOp(kind, loss), [pred, target], self._full_name(name, kind))
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def inputs(self) -> list[str]:
+        return [n for n, node in self.nodes.items() if isinstance(node.op, Input)]
+
+    def parameters(self) -> list[str]:
+        return [n for n, node in self.nodes.items() if isinstance(node.op, Parameter)]
+
+    def consumers(self, name: str) -> list[str]:
+        return list(self.dag.successors(name))
+
+    def is_source(self, name: str) -> bool:
+        return isinstance(self.nodes[name].op, Source)
+
+    # -- compiling -------------------------------------------------------------------------
+
+    def compile(self, loss: Tensor | None = None, *, outputs: Sequence[Tensor] | None = None,
+                optimizer: Optimizer | str | None = None, backend: str = "numpy",
+                seed: int = 0, parameters: dict[str, Any] | None = None,
+                **options: Any) -> Model:
+        """Compile into a :class:`Model`: validate, prune to what ``loss`` and ``outputs``
+        need, order, plan memory, initialize parameters.
+
+        ``outputs`` are what ``predict`` returns; by default the loss's prediction (through the
+        loss's link, e.g. softmax probabilities). ``parameters`` shares existing arrays by name
+        (another model's, say) instead of initializing new ones.
+        """
+        from .model import Model
+        return Model(self, loss=loss, outputs=outputs, optimizer=optimizer, backend=backend,
+                     seed=seed, parameters=parameters, **options)
+
+
+def _construct(entry: Any, what: str, kind: str, config: dict[str, Any]) -> Any:
+    try:
+        return entry.obj(**config)
+    except TypeError as exc:
+        raise GraphBuildError(f"{what} {kind!r} from {entry.origin()} rejected its arguments "
+                              f"{config}: {exc}") from None
+
+
+def _check_shape(shape: Any, what: str) -> Shape:
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise ShapeError(f"{what}: shape must be a tuple of ints (None for the batch), "
+                         f"got {shape!r}") from None
+    for d in shape:
+        if d is not None and (not isinstance(d, (int, np.integer)) or d < 0):
+            raise ShapeError(f"{what}: shape {shape} must hold non-negative ints or None")
+    return tuple(None if d is None else int(d) for d in shape)
+
+
+def _check_dtype(dtype: Any, what: str) -> str:
+    name = np.dtype(dtype).name if dtype is not None else None
+    if name not in DTYPES:
+        raise GraphBuildError(f"{what}: unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return name
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _user_origin() -> str | None:
+    """Where user code called the graph builder: the innermost frame outside graphengine.
+
+    Recorded at build time so that errors at run time (NaN in debug mode) can point at the line
+    that built the node; contextlib frames are skipped too.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith(_PACKAGE_DIR) and not filename.endswith("contextlib.py"):
+            return f"{filename}:{frame.f_lineno}"
+        frame = frame.f_back
+    return None

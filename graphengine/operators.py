@@ -1,0 +1,578 @@
+"""The operator contract and the primitive operators.
+
+Every node of a graph is an operator. ``forward`` and ``backward`` sit side by side; an operator
+declares which of its inputs (``retain_inputs``) and whether its output (``retain_output``)
+``backward`` reads, so the compiler knows when an intermediate array can be freed. Arrays that
+``backward`` never reads reach it as ``None``.
+
+``infer`` runs when the node is added to a graph: shapes use ``None`` for the batch dimension,
+and a mismatch raises :class:`ShapeError` before anything runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .errors import ShapeError
+
+Shape = tuple[int | None, ...]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What is known of a tensor at build time."""
+
+    shape: Shape
+    dtype: str
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __str__(self) -> str:
+        dims = ", ".join("None" if d is None else str(d) for d in self.shape)
+        return f"({dims}{',' if len(self.shape) == 1 else ''}) {self.dtype}"
+
+
+class Operator:
+    """Base class of every operator.
+
+    Subclasses set ``kind`` (the name shown in errors and diagrams) and implement ``infer``,
+    ``forward`` and ``backward``. One instance belongs to one node, so an operator may keep
+    per-call state on ``self`` between its forward and its backward (a dropout mask, an argmax).
+    """
+
+    kind: ClassVar[str] = "operator"
+    retain_inputs: ClassVar[tuple[int, ...]] = ()
+    retain_output: ClassVar[bool] = False
+    #: Inputs that never receive a gradient (labels, integer ids); None means all can.
+    nondifferentiable_inputs: ClassVar[tuple[int, ...]] = ()
+    #: Set by the model before each run for operators that behave differently in training.
+    training: bool = True
+    #: Set by the model for operators that draw random numbers (``backend.make_rng``).
+    rng: Any = None
+
+    def config(self) -> dict[str, Any]:
+        """The keyword arguments that rebuild this operator (shown in diagrams, saved in files)."""
+        return {}
+
+    def infer(self, *inputs: TensorSpec) -> TensorSpec:
+        raise NotImplementedError
+
+    def forward(self, xp: Any, *inputs: Any) -> Any:
+        raise NotImplementedError
+
+    def backward(self, xp: Any, inputs: tuple, output: Any, grad: Any) -> tuple:
+        """Gradients for each input (``None`` where none flows), given the output's gradient."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class Source(Operator):
+    """Inputs, parameters and constants: nodes whose value is given, not computed."""
+
+    def infer(self, *inputs: TensorSpec) -> TensorSpec:
+        return self.spec
+
+    def __init__(self, spec: TensorSpec) -> None:
+        self.spec = spec
+
+
+class Input(Source):
+    kind = "input"
+
+
+class Parameter(Source):
+    kind = "parameter"
+
+    def __init__(self, spec: TensorSpec, init: Any, trainable: bool = True,
+                 decay: bool | None = None) -> None:
+        super().__init__(spec)
+        self.init = init
+        self.trainable = trainable
+        # Weight decay and similar penalties apply to weights, not to biases or scales.
+        self.decay = len(spec.shape) > 1 if decay is None else decay
+
+    def config(self) -> dict[str, Any]:
+        return {"init": self.init, "trainable": self.trainable, "decay": self.decay}
+
+
+class Constant(Source):
+    kind = "constant"
+
+    def __init__(self, spec: TensorSpec, value: Any) -> None:
+        super().__init__(spec)
+        self.value = value
+
+
+# --------------------------------------------------------------------------- shape helpers
+
+def broadcast_shapes(a: Shape, b: Shape) -> Shape:
+    """NumPy broadcasting where ``None`` (the batch) matches anything."""
+    out: list[int | None] = []
+    for i in range(1, max(len(a), len(b)) + 1):
+        da = a[-i] if i <= len(a) else 1
+        db = b[-i] if i <= len(b) else 1
+        if da == 1:
+            out.append(db)
+        elif db == 1 or da == db:
+            out.append(da)
+        elif da is None or db is None:
+            out.append(None)
+        else:
+            raise ShapeError(f"shapes {a} and {b} do not broadcast (dimension {-i}: {da} vs {db})")
+    return tuple(reversed(out))
+
+
+def same_dtype(*specs: TensorSpec) -> str:
+    dtypes = {s.dtype for s in specs}
+    if len(dtypes) > 1:
+        raise ShapeError(f"dtypes differ: {' vs '.join(s.dtype for s in specs)}; "
+                         f"cast one side explicitly (graphengine never upcasts silently)")
+    return specs[0].dtype
+
+
+def require_float(spec: TensorSpec, what: str = "input") -> None:
+    if not spec.dtype.startswith("float"):
+        raise ShapeError(f"{what} must be floating point, got {spec.dtype}")
+
+
+def unbroadcast(xp: Any, grad: Any, shape: tuple[int, ...]) -> Any:
+    """Sum ``grad`` over the axes along which an input of ``shape`` was broadcast."""
+    if grad.shape == shape:
+        return grad
+    lead = grad.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, d in enumerate(shape) if d == 1 and grad.shape[lead + i] != 1)
+    return grad.sum(axis=axes, keepdims=True).reshape(shape) if axes else grad.reshape(shape)
+
+
+def normalize_axis(axis: int | tuple[int, ...] | None, ndim: int) -> tuple[int, ...]:
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ShapeError(f"axis {a} is out of range for a tensor of {ndim} dimensions")
+    return tuple(sorted(a % ndim for a in axes))
+
+
+# --------------------------------------------------------------------------- arithmetic
+
+class Binary(Operator):
+    """Elementwise binary operator with NumPy broadcasting."""
+
+    def infer(self, a: TensorSpec, b: TensorSpec) -> TensorSpec:
+        dtype = same_dtype(a, b)
+        return TensorSpec(broadcast_shapes(a.shape, b.shape), dtype)
+
+
+class Add(Binary):
+    kind = "add"
+
+    def forward(self, xp, a, b):
+        self.shapes = (a.shape, b.shape)
+        return a + b
+
+    def backward(self, xp, inputs, output, grad):
+        return unbroadcast(xp, grad, self.shapes[0]), unbroadcast(xp, grad, self.shapes[1])
+
+
+class Sub(Binary):
+    kind = "sub"
+
+    def forward(self, xp, a, b):
+        self.shapes = (a.shape, b.shape)
+        return a - b
+
+    def backward(self, xp, inputs, output, grad):
+        return unbroadcast(xp, grad, self.shapes[0]), unbroadcast(xp, -grad, self.shapes[1])
+
+
+class Mul(Binary):
+    kind = "mul"
+    retain_inputs = (0, 1)
+
+    def forward(self, xp, a, b):
+        return a * b
+
+    def backward(self, xp, inputs, output, grad):
+        a, b = inputs
+        return unbroadcast(xp, grad * b, a.shape), unbroadcast(xp, grad * a, b.shape)
+
+
+class Div(Binary):
+    kind = "div"
+    retain_inputs = (0, 1)
+
+    def forward(self, xp, a, b):
+        return a / b
+
+    def backward(self, xp, inputs, output, grad):
+        a, b = inputs
+        grad_a = grad / b
+        return unbroadcast(xp, grad_a, a.shape), unbroadcast(xp, -grad_a * a / b, b.shape)
+
+
+class Neg(Operator):
+    kind = "neg"
+
+    def infer(self, x):
+        return x
+
+    def forward(self, xp, x):
+        return -x
+
+    def backward(self, xp, inputs, output, grad):
+        return (-grad,)
+
+
+class Pow(Operator):
+    kind = "pow"
+    retain_inputs = (0,)
+
+    def __init__(self, exponent: float) -> None:
+        self.exponent = float(exponent)
+
+    def config(self):
+        return {"exponent": self.exponent}
+
+    def infer(self, x):
+        require_float(x)
+        return x
+
+    def forward(self, xp, x):
+        return x ** self.exponent
+
+    def backward(self, xp, inputs, output, grad):
+        (x,) = inputs
+        return (grad * self.exponent * x ** (self.exponent - 1),)
+
+
+class MatMul(Operator):
+    """``a @ b`` for ``a`` of shape (..., k) and ``b`` of shape (k, n), or batched (B, m, k) @ (B, k, n)."""
+
+    kind = "matmul"
+    retain_inputs = (0, 1)
+
+    def infer(self, a, b):
+        dtype = same_dtype(a, b)
+        if a.ndim < 1 or b.ndim < 2:
+            raise ShapeError(f"matmul needs a matrix on the right, got {a.shape} @ {b.shape}")
+        if a.shape[-1] != b.shape[-2] and None not in (a.shape[-1], b.shape[-2]):
+            raise ShapeError(f"inner dimensions differ: {a.shape} @ {b.shape} "
+                             f"({a.shape[-1]} != {b.shape[-2]})")
+        if b.ndim == 2:
+            return TensorSpec(a.shape[:-1] + (b.shape[1],), dtype)
+        if a.ndim != b.ndim:
+            raise ShapeError(f"batched matmul needs equal ranks, got {a.shape} @ {b.shape}")
+        lead = broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        return TensorSpec(lead + (a.shape[-2], b.shape[-1]), dtype)
+
+    def forward(self, xp, a, b):
+        return a @ b
+
+    def backward(self, xp, inputs, output, grad):
+        a, b = inputs
+        if b.ndim == 2:
+            grad_a = grad @ b.T
+            k, n = b.shape
+            grad_b = a.reshape(-1, k).T @ grad.reshape(-1, n)
+            return grad_a, grad_b
+        grad_a = grad @ xp.swapaxes(b, -1, -2)
+        grad_b = xp.swapaxes(a, -1, -2) @ grad
+        return unbroadcast(xp, grad_a, a.shape), unbroadcast(xp, grad_b, b.shape)
+
+
+# --------------------------------------------------------------------------- elementwise math
+
+class Exp(Operator):
+    kind = "exp"
+    retain_output = True
+
+    def infer(self, x):
+        require_float(x)
+        return x
+
+    def forward(self, xp, x):
+        return xp.exp(x)
+
+    def backward(self, xp, inputs, output, grad):
+        return (grad * output,)
+
+
+class Log(Operator):
+    kind = "log"
+    retain_inputs = (0,)
+
+    def infer(self, x):
+        require_float(x)
+        return x
+
+    def forward(self, xp, x):
+        return xp.log(x)
+
+    def backward(self, xp, inputs, output, grad):
+        return (grad / inputs[0],)
+
+
+class Sqrt(Operator):
+    kind = "sqrt"
+    retain_output = True
+
+    def infer(self, x):
+        require_float(x)
+        return x
+
+    def forward(self, xp, x):
+        return xp.sqrt(x)
+
+    def backward(self, xp, inputs, output, grad):
+        return (grad * 0.5 / output,)
+
+
+class Abs(Operator):
+    kind = "abs"
+    retain_inputs = (0,)
+
+    def infer(self, x):
+        return x
+
+    def forward(self, xp, x):
+        return xp.abs(x)
+
+    def backward(self, xp, inputs, output, grad):
+        return (grad * xp.sign(inputs[0]),)
+
+
+class Maximum(Binary):
+    """Elementwise maximum; where both sides tie, the gradient goes to the first."""
+
+    kind = "maximum"
+    retain_inputs = (0, 1)
+
+    def forward(self, xp, a, b):
+        return xp.maximum(a, b)
+
+    def backward(self, xp, inputs, output, grad):
+        a, b = inputs
+        first = a >= b
+        return (unbroadcast(xp, grad * first, a.shape),
+                unbroadcast(xp, grad * ~first, b.shape))
+
+
+# --------------------------------------------------------------------------- reductions
+
+class Reduction(Operator):
+    def __init__(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> None:
+        self.axis = tuple(axis) if isinstance(axis, list) else axis
+        self.keepdims = keepdims
+
+    def config(self):
+        return {"axis": self.axis, "keepdims": self.keepdims}
+
+    def infer(self, x):
+        self.axes = normalize_axis(self.axis, x.ndim)
+        if self.keepdims:
+            shape = tuple(1 if i in self.axes else d for i, d in enumerate(x.shape))
+        else:
+            shape = tuple(d for i, d in enumerate(x.shape) if i not in self.axes)
+        return TensorSpec(shape, x.dtype)
+
+    def expand(self, xp, grad, shape):
+        if not self.keepdims:
+            grad = xp.expand_dims(grad, self.axes)
+        return xp.broadcast_to(grad, shape)
+
+
+class Sum(Reduction):
+    kind = "sum"
+
+    def forward(self, xp, x):
+        self.shape = x.shape
+        return x.sum(axis=self.axes, keepdims=self.keepdims)
+
+    def backward(self, xp, inputs, output, grad):
+        return (self.expand(xp, grad, self.shape),)
+
+
+class Mean(Reduction):
+    kind = "mean"
+
+    def forward(self, xp, x):
+        self.shape = x.shape
+        return x.mean(axis=self.axes, keepdims=self.keepdims)
+
+    def backward(self, xp, inputs, output, grad):
+        count = 1
+        for a in self.axes:
+            count *= self.shape[a]
+        return (self.expand(xp, grad / count, self.shape),)
+
+
+# --------------------------------------------------------------------------- shape manipulation
+
+class Reshape(Operator):
+    """Reshape; ``None`` in the target shape keeps the batch dimension (axis 0) as it is."""
+
+    kind = "reshape"
+
+    def __init__(self, shape: tuple[int | None, ...]) -> None:
+        self.shape = tuple(shape)
+
+    def config(self):
+        return {"shape": self.shape}
+
+    def infer(self, x):
+        known = [d for d in x.shape if d is not None]
+        total = 1
+        for d in known:
+            total *= d
+        target = list(self.shape)
+        fixed = 1
+        for d in target:
+            if d not in (None, -1):
+                fixed *= d
+        if target.count(-1) > 1:
+            raise ShapeError(f"reshape target {self.shape} has more than one -1")
+        batch_in = None in x.shape
+        batch_out = None in target
+        if -1 in target:
+            if batch_in and not batch_out:
+                target[target.index(-1)] = None
+            elif total % fixed:
+                raise ShapeError(f"cannot reshape {x.shape} to {self.shape}")
+            else:
+                target[target.index(-1)] = total // fixed
+        elif batch_in == batch_out and fixed != total:
+            raise ShapeError(f"cannot reshape {x.shape} ({total} elements per batch item) "
+                             f"to {self.shape} ({fixed})")
+        return TensorSpec(tuple(target), x.dtype)
+
+    def forward(self, xp, x):
+        self.in_shape = x.shape
+        return x.reshape(tuple(x.shape[0] if d is None else d for d in self.shape))
+
+    def backward(self, xp, inputs, output, grad):
+        return (grad.reshape(self.in_shape),)
+
+
+class Transpose(Operator):
+    kind = "transpose"
+
+    def __init__(self, axes: tuple[int, ...] | None = None) -> None:
+        self.axes = None if axes is None else tuple(axes)
+
+    def config(self):
+        return {"axes": self.axes}
+
+    def infer(self, x):
+        axes = tuple(reversed(range(x.ndim))) if self.axes is None else self.axes
+        if sorted(a % x.ndim for a in axes) != list(range(x.ndim)):
+            raise ShapeError(f"axes {self.axes} are not a permutation of {x.ndim} dimensions")
+        self.perm = tuple(a % x.ndim for a in axes)
+        self.inverse = tuple(self.perm.index(i) for i in range(x.ndim))
+        return TensorSpec(tuple(x.shape[a] for a in self.perm), x.dtype)
+
+    def forward(self, xp, x):
+        return xp.transpose(x, self.perm)
+
+    def backward(self, xp, inputs, output, grad):
+        return (xp.transpose(grad, self.inverse),)
+
+
+class Concat(Operator):
+    kind = "concat"
+
+    def __init__(self, axis: int = -1) -> None:
+        self.axis = axis
+
+    def config(self):
+        return {"axis": self.axis}
+
+    def infer(self, *xs):
+        dtype = same_dtype(*xs)
+        ndim = xs[0].ndim
+        if any(x.ndim != ndim for x in xs):
+            raise ShapeError(f"concat needs equal ranks, got {[x.shape for x in xs]}")
+        (axis,) = normalize_axis(self.axis, ndim)
+        for i in range(ndim):
+            dims = {x.shape[i] for x in xs}
+            if i != axis and len(dims) > 1:
+                raise ShapeError(f"concat along axis {axis}: dimension {i} differs {[x.shape for x in xs]}")
+        along = [x.shape[axis] for x in xs]
+        size = None if None in along else sum(along)
+        self.resolved_axis = axis
+        return TensorSpec(xs[0].shape[:axis] + (size,) + xs[0].shape[axis + 1:], dtype)
+
+    def forward(self, xp, *xs):
+        self.sizes = [x.shape[self.resolved_axis] for x in xs]
+        return xp.concatenate(xs, axis=self.resolved_axis)
+
+    def backward(self, xp, inputs, output, grad):
+        bounds = []
+        total = 0
+        for s in self.sizes[:-1]:
+            total += s
+            bounds.append(total)
+        return tuple(xp.split(grad, bounds, axis=self.resolved_axis))
+
+
+class Index(Operator):
+    """Basic indexing with integers and slices, e.g. ``x[:, -1]`` (the last time step)."""
+
+    kind = "index"
+
+    def __init__(self, key: tuple) -> None:
+        self.key = tuple(decode_index(k) for k in key)
+
+    def config(self):
+        return {"key": [encode_index(k) for k in self.key]}
+
+    def infer(self, x):
+        if len(self.key) > x.ndim:
+            raise ShapeError(f"too many indices ({len(self.key)}) for shape {x.shape}")
+        shape: list[int | None] = []
+        for i, d in enumerate(x.shape):
+            k = self.key[i] if i < len(self.key) else slice(None)
+            if isinstance(k, int):
+                if d is not None and not -d <= k < d:
+                    raise ShapeError(f"index {k} is out of range for dimension {i} of {x.shape}")
+            elif isinstance(k, slice):
+                shape.append(None if d is None else len(range(*k.indices(d))))
+            else:
+                raise ShapeError(f"only integers and slices can index a tensor, got {k!r}")
+        return TensorSpec(tuple(shape), x.dtype)
+
+    def forward(self, xp, x):
+        self.in_shape, self.dtype = x.shape, x.dtype
+        return x[self.key]
+
+    def backward(self, xp, inputs, output, grad):
+        full = xp.zeros(self.in_shape, dtype=self.dtype)
+        full[self.key] = grad
+        return (full,)
+
+
+def encode_index(k: Any) -> Any:
+    if isinstance(k, slice):
+        return {"slice": [k.start, k.stop, k.step]}
+    return k
+
+
+def decode_index(k: Any) -> Any:
+    if isinstance(k, dict):
+        return slice(*k["slice"])
+    return k
+
+
+#: Primitive operators by name: what ``Graph.op`` builds, and what a saved graph refers to.
+PRIMITIVES: dict[str, type[Operator]] = {
+    cls.kind: cls
+    for cls in (Add, Sub, Mul, Div, Neg, Pow, MatMul, Exp, Log, Sqrt, Abs, Maximum, Sum, Mean,
+                Reshape, Transpose, Concat, Index)
+}

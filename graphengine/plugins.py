@@ -1,0 +1,314 @@
+"""The plugin system: hook specifications, registries and entry-point loading.
+
+Everything graphengine can build with (backends, layers, activations, losses, optimizers,
+initializers) comes from a plugin, the built-in ones included: they are registered through the
+entry-point group ``graphengine`` exactly as a third-party package's are.
+
+A plugin is a module (or object) with functions marked ``@graphengine.hookimpl``::
+
+    import graphengine as ge
+
+    @ge.hookimpl
+    def graphengine_register_activations(register):
+        register("swish", Swish)
+
+and an entry point in its ``pyproject.toml``::
+
+    [project.entry-points.graphengine]
+    swish = "my_package.plugin"
+
+Entry points are loaded once, lazily, on the first registry lookup.
+``GRAPHENGINE_DISABLE_PLUGINS=name1,name2`` skips entry points by name before they are imported;
+a plugin that fails to import or register is reported by ``graphengine plugins`` and the others
+keep working, unless ``GRAPHENGINE_STRICT_PLUGINS=1`` makes such failures fatal.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from .errors import PluginConflictError, PluginError, UnknownNameError, did_you_mean
+
+PROJECT = "graphengine"
+ENTRY_POINT_GROUP = "graphengine"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+Register = Callable[..., None]
+
+
+class PluginWarning(UserWarning):
+    """A plugin failed to load; the others keep working."""
+
+
+class HookSpecs:
+    """The hooks a plugin may implement. Each receives a ``register`` callback:
+
+    ``register(name, obj, *, aliases=(), override=False)``
+
+    ``name`` is what users write (``g.activation("swish", x)``); ``aliases`` are further names
+    for the same object. Registering a name another plugin already registered is an error naming
+    both plugins, unless ``override=True`` (then the later registration wins, deliberately).
+    """
+
+    @hookspec
+    def graphengine_register_backends(self, register: Register) -> None:
+        """Register array backends: subclasses of :class:`graphengine.Backend`.
+
+        A backend class must answer ``unavailable_reason()`` without failing when its library
+        or hardware is missing (return a sentence), so that listing plugins never crashes.
+        """
+
+    @hookspec
+    def graphengine_register_layers(self, register: Register) -> None:
+        """Register layers: subclasses of :class:`graphengine.Layer`.
+
+        The class is instantiated with the user's keyword arguments and its ``build(g, *inputs)``
+        adds parameters and operators to the graph inside the layer's name scope.
+        """
+
+    @hookspec
+    def graphengine_register_activations(self, register: Register) -> None:
+        """Register activations: subclasses of :class:`graphengine.Activation` with
+        ``forward(self, xp, x) -> y`` and ``backward(self, xp, x, y, dy) -> dx``."""
+
+    @hookspec
+    def graphengine_register_losses(self, register: Register) -> None:
+        """Register losses: subclasses of :class:`graphengine.Loss` with
+        ``forward(self, xp, pred, target) -> scalar`` (mean over the batch) and
+        ``backward(self, xp, pred, target) -> dpred``."""
+
+    @hookspec
+    def graphengine_register_optimizers(self, register: Register) -> None:
+        """Register optimizers: subclasses of :class:`graphengine.Optimizer`, constructed with
+        their hyper-parameters, with ``init_state(self, xp, param) -> dict`` and
+        ``update(self, xp, param, grad, state, step)`` updating ``param`` in place."""
+
+    @hookspec
+    def graphengine_register_initializers(self, register: Register) -> None:
+        """Register parameter initializers: subclasses of :class:`graphengine.Initializer`,
+        called as ``init(rng, shape, fan_in, fan_out) -> numpy.ndarray``."""
+
+
+KINDS = ("backends", "layers", "activations", "losses", "optimizers", "initializers")
+
+
+@dataclass
+class Entry:
+    name: str
+    obj: Any
+    plugin: str
+    distribution: str | None
+    aliases: tuple[str, ...] = ()
+
+    def origin(self) -> str:
+        return f"plugin {self.plugin!r}" + (f" (distribution {self.distribution})"
+                                            if self.distribution else "")
+
+
+class Registry:
+    """Names -> objects of one kind, each remembering which plugin registered it."""
+
+    def __init__(self, kind: str, manager: PluginManager) -> None:
+        self.kind = kind
+        self._manager = manager
+        self._entries: dict[str, Entry] = {}
+
+    def add(self, entry: Entry, override: bool) -> None:
+        for key in (entry.name, *entry.aliases):
+            existing = self._entries.get(key)
+            if existing is not None and existing.plugin != entry.plugin and not override:
+                raise PluginConflictError(
+                    f"{self.kind[:-1]} {key!r} is registered twice: by {existing.origin()} and by "
+                    f"{entry.origin()}; rename one, disable one with "
+                    f"GRAPHENGINE_DISABLE_PLUGINS, or pass override=True to register()")
+            self._entries[key] = entry
+
+    def get(self, name: str) -> Any:
+        return self.entry(name).obj
+
+    def entry(self, name: str) -> Entry:
+        self._manager.load()
+        try:
+            return self._entries[name]
+        except KeyError:
+            known = sorted(self._entries)
+            raise UnknownNameError(
+                f"unknown {self.kind[:-1]} {name!r}.{did_you_mean(name, known)} "
+                f"Registered: {', '.join(known) or 'none'}") from None
+
+    def names(self) -> list[str]:
+        self._manager.load()
+        return sorted(self._entries)
+
+    def entries(self) -> list[Entry]:
+        """Each registered object once (aliases folded in)."""
+        self._manager.load()
+        seen: dict[int, Entry] = {}
+        for entry in self._entries.values():
+            seen.setdefault(id(entry), entry)
+        return sorted(seen.values(), key=lambda e: e.name)
+
+    def __contains__(self, name: str) -> bool:
+        self._manager.load()
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+@dataclass
+class PluginRecord:
+    name: str
+    distribution: str | None = None
+    version: str | None = None
+    module: str | None = None
+    registered: dict[str, list[str]] = field(default_factory=dict)
+    error: str | None = None
+    disabled: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "distribution": self.distribution, "version": self.version,
+                "module": self.module, "registered": self.registered, "error": self.error,
+                "disabled": self.disabled}
+
+
+class PluginManager:
+    """Loads plugins and keeps the registries. ``graphengine.get_plugin_manager()`` is the
+    process-wide one; :func:`graphengine.testing.isolated_plugin_manager` makes private ones."""
+
+    def __init__(self, *, load_entry_points: bool = True) -> None:
+        self.pm = pluggy.PluginManager(PROJECT)
+        self.pm.add_hookspecs(HookSpecs)
+        self.registries = {kind: Registry(kind, self) for kind in KINDS}
+        self.records: dict[str, PluginRecord] = {}
+        self._load_entry_points = load_entry_points
+        self._loaded = False
+        self._from_entry_point = False
+        self._lock = threading.RLock()
+
+    def __getattr__(self, kind: str) -> Registry:
+        registries = self.__dict__.get("registries", {})
+        if kind in registries:
+            return registries[kind]
+        raise AttributeError(kind)
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def load(self) -> None:
+        with self._lock:
+            if self._loaded:
+                return
+            self._loaded = True
+            if self._load_entry_points:
+                self._from_entry_point = True
+                try:
+                    self._load_from_entry_points()
+                finally:
+                    self._from_entry_point = False
+
+    def _load_from_entry_points(self) -> None:
+        disabled = {n.strip() for n in os.environ.get("GRAPHENGINE_DISABLE_PLUGINS", "").split(",")
+                    if n.strip()}
+        for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP),
+                         key=lambda e: e.name):
+            dist = ep.dist.name if ep.dist else None
+            version = ep.dist.version if ep.dist else None
+            if ep.name in disabled:
+                self.records[ep.name] = PluginRecord(ep.name, dist, version, ep.value, disabled=True)
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # a broken plugin must not take the others down
+                self._fail(PluginRecord(ep.name, dist, version, ep.value), exc, "failed to import")
+                continue
+            self.register(plugin, name=ep.name, distribution=dist, version=version)
+
+    def register(self, plugin: Any, name: str | None = None, *, distribution: str | None = None,
+                 version: str | None = None) -> PluginRecord:
+        """Register a plugin object (usually a module) and run its registration hooks."""
+        with self._lock:
+            name = name or getattr(plugin, "__name__", None) or repr(plugin)
+            record = PluginRecord(name, distribution, version, getattr(plugin, "__name__", None))
+            try:
+                self.pm.register(plugin, name=name)
+                self.pm.check_pending()
+            except Exception as exc:
+                if self.pm.is_registered(plugin):
+                    self.pm.unregister(plugin)
+                self._fail(record, exc, "is not a valid plugin")
+                return record
+            self.records[name] = record
+            for kind in KINDS:
+                hook = getattr(self.pm.hook, f"graphengine_register_{kind}")
+                impls = [i for i in hook.get_hookimpls() if i.plugin_name == name]
+                for impl in impls:
+                    try:
+                        impl.function(register=self._registrar(kind, record))
+                    except Exception as exc:
+                        self._fail(record, exc, f"failed while registering {kind}")
+            return record
+
+    def _registrar(self, kind: str, record: PluginRecord) -> Register:
+        registry = self.registries[kind]
+
+        def register(name: str, obj: Any, *, aliases: tuple[str, ...] = (),
+                     override: bool = False) -> None:
+            if not isinstance(name, str) or not name:
+                raise PluginError(f"plugin {record.name!r} registered a {kind[:-1]} with an "
+                                  f"invalid name {name!r}")
+            entry = Entry(name, obj, record.name, record.distribution, tuple(aliases))
+            registry.add(entry, override)
+            record.registered.setdefault(kind, []).append(name)
+
+        return register
+
+    def _fail(self, record: PluginRecord, exc: Exception, what: str) -> None:
+        """A plugin loaded from an entry point fails alone: recorded, warned about, and the
+        others keep working. Registered by hand, or under GRAPHENGINE_STRICT_PLUGINS=1, it raises."""
+        message = (f"plugin {record.name!r}" + (f" from distribution {record.distribution}"
+                                                if record.distribution else "")
+                   + f" {what}: {type(exc).__name__}: {exc}")
+        record.error = message if record.error is None else f"{record.error}; {message}"
+        self.records[record.name] = record
+        strict = os.environ.get("GRAPHENGINE_STRICT_PLUGINS") == "1"
+        if strict or not self._from_entry_point:
+            error = PluginConflictError if isinstance(exc, PluginConflictError) else PluginError
+            hint = " (GRAPHENGINE_STRICT_PLUGINS=1 makes this fatal)" if strict else ""
+            raise error(message + hint) from exc
+        warnings.warn(message + "; the other plugins keep working", PluginWarning, stacklevel=2)
+
+    # -- reporting ------------------------------------------------------------------------
+
+    def report(self) -> list[dict[str, Any]]:
+        self.load()
+        return [r.as_dict() for r in sorted(self.records.values(), key=lambda r: r.name)]
+
+
+_manager: PluginManager | None = None
+_manager_lock = threading.Lock()
+
+
+def get_plugin_manager() -> PluginManager:
+    global _manager
+    with _manager_lock:
+        if _manager is None:
+            _manager = PluginManager()
+        return _manager
+
+
+def set_plugin_manager(manager: PluginManager | None) -> PluginManager | None:
+    """Swap the process-wide manager (tests); returns the previous one."""
+    global _manager
+    with _manager_lock:
+        previous, _manager = _manager, manager
+        return previous
