@@ -70,9 +70,12 @@ def check_acyclic(dag: nx.DiGraph) -> None:
 def build_plan(graph, targets: Iterable[str], *, loss: str | None = None,
                wrt: Iterable[str] = (), keep: Iterable[str] = (),
                frozen: Iterable[str] = ()) -> Plan:
-    """Plan the nodes ``targets`` need. With ``loss``, also plan the backward pass from it to the
-    trainable parameters (less those ``frozen``) and to the sources named in ``wrt``. ``keep`` names nodes whose values
-    must survive the step (besides the targets)."""
+    """Plan the nodes ``targets`` need.
+
+    With ``loss``, also plan the backward pass from it to the trainable parameters (less those
+    ``frozen``) and to the sources named in ``wrt``. ``keep`` names nodes whose values must
+    survive the step besides the targets.
+    """
     dag = graph.dag
     check_acyclic(dag)
     targets = tuple(dict.fromkeys(targets))

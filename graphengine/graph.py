@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import networkx as nx
 import numpy as np
 
-from .base import ActivationOp, Layer, LossOp
+from .base import ActivationOp, LossOp
 from .errors import GraphBuildError, ShapeError
 from .operators import (
     PRIMITIVES,

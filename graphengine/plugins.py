@@ -237,6 +237,7 @@ class PluginManager:
                  version: str | None = None) -> PluginRecord:
         """Register a plugin object (usually a module) and run its registration hooks."""
         with self._lock:
+            self.load()  # so that a clash with an installed plugin shows now, not later
             name = name or getattr(plugin, "__name__", None) or repr(plugin)
             record = PluginRecord(name, distribution, version, getattr(plugin, "__name__", None))
             try:

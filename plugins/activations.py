@@ -1,8 +1,35 @@
-"""Built-in activations. Each keeps only what its backward reads."""
+"""Built-in activations, and the two activation layers that learn parameters (PReLU, Maxout).
+
+Each activation keeps only what its backward reads. An activation with a learned parameter is a
+*layer* (``g.layer("prelu", h)``, ``g.layer("maxout", h, units=32, pieces=2)``): activations
+are parameter-free elementwise functions, so ``g.activation("prelu", h)`` is an error that points
+to the layer.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import graphengine as ge
+from graphengine.errors import ShapeError
+from graphengine.operators import TensorSpec, require_float, same_dtype
+
+
+def sigmoid(xp: Any, x: Any) -> Any:
+    # tanh form: no overflow in exp for large |x|
+    return 0.5 * (xp.tanh(0.5 * x) + 1)
+
+
+def log_softmax(xp: Any, x: Any) -> Any:
+    """log(softmax(x)) over the last axis, computed without overflow."""
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _positive(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise TypeError(f"{what} must be a positive number, got {value!r}")
+    return float(value)
 
 
 class Identity(ge.Activation):
@@ -19,8 +46,7 @@ class Sigmoid(ge.Activation):
     keeps = ("y",)
 
     def forward(self, xp, x):
-        # tanh form: no overflow in exp for large |x|
-        return 0.5 * (xp.tanh(0.5 * x) + 1)
+        return sigmoid(xp, x)
 
     def backward(self, xp, x, y, dy):
         return dy * y * (1 - y)
@@ -46,6 +72,73 @@ class ReLU(ge.Activation):
         return dy * (y > 0)
 
 
+class LeakyReLU(ge.Activation):
+    """``x`` for ``x > 0``, ``slope * x`` otherwise: negative inputs keep a small gradient, so
+    units cannot die as ReLU units can."""
+
+    keeps = ("x",)
+
+    def __init__(self, slope: float = 0.01) -> None:
+        if isinstance(slope, bool) or not isinstance(slope, (int, float)):
+            raise TypeError(f"slope must be a number, got {slope!r}")
+        self.slope = float(slope)
+
+    def config(self) -> dict[str, Any]:
+        return {"slope": self.slope}
+
+    def forward(self, xp, x):
+        return xp.where(x > 0, x, self.slope * x)
+
+    def backward(self, xp, x, y, dy):
+        return xp.where(x > 0, dy, self.slope * dy)
+
+
+class ELU(ge.Activation):
+    """``x`` for ``x > 0``, ``alpha * (exp(x) - 1)`` otherwise: smooth, saturating at ``-alpha``."""
+
+    keeps = ("x", "y")
+
+    def __init__(self, alpha: float = 1.0) -> None:
+        self.alpha = _positive(alpha, "alpha")
+
+    def config(self) -> dict[str, Any]:
+        return {"alpha": self.alpha}
+
+    def forward(self, xp, x):
+        # exp only of the non-positive part, so large x cannot overflow
+        return xp.where(x > 0, x, self.alpha * xp.expm1(xp.minimum(x, 0)))
+
+    def backward(self, xp, x, y, dy):
+        # for x <= 0 the derivative alpha * exp(x) equals y + alpha
+        return xp.where(x > 0, dy, dy * (y + self.alpha))
+
+
+class Softplus(ge.Activation):
+    """``log(1 + exp(x))``, a smooth ReLU; its derivative is the sigmoid."""
+
+    keeps = ("x",)
+
+    def forward(self, xp, x):
+        return xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
+
+    def backward(self, xp, x, y, dy):
+        return dy * sigmoid(xp, x)
+
+
+class Sign(ge.Activation):
+    """-1, 0 or +1. Forward only: its derivative is zero wherever it exists, so the gradient it
+    passes back is exactly zero and nothing below it learns through it. Use it for a binary code
+    at inference time, not inside a network trained through it."""
+
+    keeps = ()
+
+    def forward(self, xp, x):
+        return xp.sign(x)
+
+    def backward(self, xp, x, y, dy):
+        return xp.zeros_like(dy)
+
+
 class Softmax(ge.Activation):
     """Softmax over the last axis."""
 
@@ -59,10 +152,155 @@ class Softmax(ge.Activation):
         return y * (dy - (dy * y).sum(axis=-1, keepdims=True))
 
 
+class LogSoftmax(ge.Activation):
+    """log(softmax(x)) over the last axis: the log-probabilities the ``nll`` loss takes."""
+
+    keeps = ("y",)
+
+    def forward(self, xp, x):
+        return log_softmax(xp, x)
+
+    def backward(self, xp, x, y, dy):
+        return dy - xp.exp(y) * dy.sum(axis=-1, keepdims=True)
+
+
+# --------------------------------------------------------------------------- layers with parameters
+
+class PReLUOp(ge.Operator):
+    """Leaky ReLU whose negative slope is an input: one slope per index along ``axis``
+    (``axis=None``: one slope shared by all units)."""
+
+    kind = "prelu"
+    retain_inputs = (0, 1)
+
+    def __init__(self, axis: int | None = -1) -> None:
+        self.axis = axis
+
+    def config(self) -> dict[str, Any]:
+        return {"axis": self.axis}
+
+    def infer(self, x: TensorSpec, slope: TensorSpec) -> TensorSpec:
+        require_float(x)
+        same_dtype(x, slope)
+        want = (1,) if self.axis is None else (x.shape[self.axis],)
+        if slope.shape != want:
+            raise ShapeError(f"slope has shape {slope.shape}, input {x.shape} needs {want}")
+        return x
+
+    def _broadcast(self, slope: Any, ndim: int) -> Any:
+        if self.axis is None:
+            return slope.reshape((1,) * ndim)
+        shape = [1] * ndim
+        shape[self.axis] = slope.shape[0]
+        return slope.reshape(tuple(shape))
+
+    def forward(self, xp, x, slope):
+        return xp.where(x > 0, x, self._broadcast(slope, x.ndim) * x)
+
+    def backward(self, xp, inputs, output, grad):
+        x, slope = inputs
+        positive = x > 0
+        grad_x = xp.where(positive, grad, self._broadcast(slope, x.ndim) * grad)
+        per_unit = xp.where(positive, 0, grad * x)
+        keep = () if self.axis is None else (self.axis % x.ndim,)
+        grad_slope = per_unit.sum(axis=tuple(a for a in range(x.ndim) if a not in keep))
+        return grad_x, grad_slope.reshape(slope.shape)
+
+
+class PReLU(ge.Layer):
+    """Parametric ReLU: a leaky ReLU whose slope ``alpha`` is learned, one per unit along
+    ``axis`` (-1: per neuron of a dense layer; 1: per channel of an NCHW feature map; None: one
+    for the whole layer). Parameter ``alpha``, initialized to ``init`` (0.25 as in He et al.
+    2015); it is a vector, so weight penalties skip it by default."""
+
+    def __init__(self, axis: int | None = -1, init: float = 0.25) -> None:
+        if axis is not None and not isinstance(axis, int):
+            raise TypeError(f"axis must be an int or None, got {axis!r}")
+        super().__init__(axis=axis, init=init)
+        self.axis, self.init = axis, float(init)
+
+    def build(self, g, x):
+        if self.axis is not None:
+            if not -x.ndim <= self.axis < x.ndim or x.shape[self.axis] is None:
+                raise ShapeError(f"prelu axis {self.axis} must be a known dimension of {x.shape}")
+        units = 1 if self.axis is None else x.shape[self.axis]
+        alpha = g.parameter("alpha", (units,), init={"name": "constant", "value": self.init},
+                            dtype=x.dtype)
+        return g.apply(PReLUOp(self.axis), x, alpha, name="prelu")
+
+
+class MaxoutOp(ge.Operator):
+    """Max over consecutive groups of ``pieces`` features: (..., units * pieces) -> (..., units).
+    The gradient goes to the winner of each group (the first one on a tie)."""
+
+    kind = "maxout"
+
+    def __init__(self, pieces: int) -> None:
+        self.pieces = pieces
+
+    def config(self) -> dict[str, Any]:
+        return {"pieces": self.pieces}
+
+    def infer(self, z: TensorSpec) -> TensorSpec:
+        require_float(z)
+        features = z.shape[-1]
+        if features is None or features % self.pieces:
+            raise ShapeError(f"maxout needs a last dimension divisible by pieces={self.pieces}, "
+                             f"got {z.shape}")
+        return TensorSpec(z.shape[:-1] + (features // self.pieces,), z.dtype)
+
+    def forward(self, xp, z):
+        groups = z.reshape(z.shape[:-1] + (z.shape[-1] // self.pieces, self.pieces))
+        self.winner = groups.argmax(axis=-1)
+        return groups.max(axis=-1)
+
+    def backward(self, xp, inputs, output, grad):
+        chosen = xp.arange(self.pieces) == self.winner[..., None]
+        grad_groups = grad[..., None] * chosen
+        return (grad_groups.reshape(grad.shape[:-1] + (grad.shape[-1] * self.pieces,)),)
+
+
+class Maxout(ge.Layer):
+    """Maxout (Goodfellow et al. 2013): ``units`` outputs, each the max of ``pieces`` linear
+    functions of the input. Parameters ``W`` (features, units * pieces) and ``b``; the pieces of
+    unit ``j`` are columns ``j * pieces ... j * pieces + pieces - 1``. With two pieces, one of
+    them zero, a unit is exactly a ReLU; in general it learns a convex piecewise-linear
+    activation."""
+
+    def __init__(self, units: int, pieces: int = 2, init: str | dict = "xavier",
+                 bias: bool = True) -> None:
+        for value, what in ((units, "units"), (pieces, "pieces")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise TypeError(f"{what} must be a positive int, got {value!r}")
+        super().__init__(units=units, pieces=pieces, init=init, bias=bias)
+        self.units, self.pieces, self.init, self.bias = units, pieces, init, bias
+
+    def build(self, g, x):
+        features = x.shape[-1]
+        if features is None:
+            raise ShapeError(f"maxout needs a known number of input features, got shape {x.shape}")
+        width = self.units * self.pieces
+        z = x @ g.parameter("W", (features, width), init=self.init, dtype=x.dtype)
+        if self.bias:
+            z = z + g.parameter("b", (width,), init="zeros", dtype=x.dtype)
+        return g.apply(MaxoutOp(self.pieces), z, name="max")
+
+
 @ge.hookimpl
 def graphengine_register_activations(register):
     register("identity", Identity, aliases=("linear",))
     register("sigmoid", Sigmoid, aliases=("logistic",))
     register("tanh", Tanh)
     register("relu", ReLU)
+    register("leaky_relu", LeakyReLU)
+    register("elu", ELU)
+    register("softplus", Softplus)
+    register("sign", Sign)
     register("softmax", Softmax)
+    register("log_softmax", LogSoftmax)
+
+
+@ge.hookimpl
+def graphengine_register_layers(register):
+    register("prelu", PReLU)
+    register("maxout", Maxout)

@@ -154,6 +154,8 @@ class StrictArray(NDArrayOperatorsMixin):
         self._array[_unwrap(key)] = _unwrap(value)
 
     def __getattr__(self, name):
+        if name.startswith("__"):  # __array_interface__ and friends would hand NumPy the buffer
+            raise AttributeError(name)
         attr = getattr(self._array, name)
         return _strict_call(attr) if callable(attr) else _wrap(attr)
 

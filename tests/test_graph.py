@@ -1,0 +1,304 @@
+"""Graph building, shape inference, compile, feeds and reverse-mode autodiff over DAGs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import graphengine as ge
+from graphengine.compile import build_plan
+
+
+def mlp(dtype="float32"):
+    g = ge.Graph("mlp")
+    x = g.input("x", shape=(None, 4), dtype=dtype)
+    y = g.input("y", shape=(None,), dtype="int64")
+    h = g.activation("tanh", g.layer("dense", x, units=5, name="fc1"))
+    logits = g.layer("dense", h, units=3, name="out")
+    loss = g.loss("softmax_cross_entropy", logits, y)
+    return g, x, y, logits, loss
+
+
+def numeric_parameter_gradients(model, feeds, eps=1e-6):
+    out = {}
+    for name, p in model.parameters().items():
+        host = model.backend.to_numpy(p).copy()  # numpy: to_numpy may return p itself
+        grad = np.zeros_like(host)
+        for i in np.ndindex(host.shape):
+            for sign in (1, -1):
+                p[i] = host[i] + sign * eps
+                grad[i] += sign * model.forward(feeds) / (2 * eps)
+            p[i] = host[i]
+        out[name] = grad
+    return out
+
+
+# ------------------------------------------------------------------ building and shapes
+
+def test_layer_names_scope_parameters_and_nodes():
+    g, *_ = mlp()
+    assert g.parameters() == ["fc1/W", "fc1/b", "out/W", "out/b"]
+    assert g.nodes["fc1/matmul"].layer == "fc1"
+    assert g["out/add"].shape == (None, 3)
+
+
+def test_shape_mismatch_fails_at_build_time_naming_node_and_shapes():
+    g = ge.Graph()
+    x = g.input("x", shape=(None, 64))
+    w = g.parameter("W", (32, 10))
+    with pytest.raises(ge.ShapeError) as err:
+        x @ w
+    message = str(err.value)
+    assert "matmul" in message and "(None, 64)" in message and "(32, 10)" in message
+    assert "x" in message and "W" in message
+
+
+def test_failed_layer_leaves_graph_unchanged():
+    g = ge.Graph()
+    x = g.input("x", shape=(None, 4))
+    before = list(g.nodes)
+    with pytest.raises(ge.GraphBuildError):
+        g.layer("dense", x, units=-3, name="fc1")
+    assert list(g.nodes) == before
+    g.layer("dense", x, units=3, name="fc1")  # the name is still free
+
+
+def test_duplicate_names_are_rejected():
+    g = ge.Graph()
+    x = g.input("x", shape=(None, 4))
+    g.layer("dense", x, units=3, name="fc1")
+    with pytest.raises(ge.GraphBuildError, match="fc1"):
+        g.layer("dense", x, units=3, name="fc1")
+    with pytest.raises(ge.GraphBuildError, match="already has a node"):
+        g.input("x", shape=(None, 4))
+
+
+def test_unknown_names_suggest_close_ones():
+    g = ge.Graph()
+    x = g.input("x", shape=(None, 4))
+    with pytest.raises(ge.UnknownNameError, match="Did you mean 'relu'"):
+        g.activation("rleu", x)
+    with pytest.raises(ge.UnknownNameError, match="dense"):
+        g.layer("dens", x, units=3)
+
+
+def test_tensors_of_two_graphs_do_not_mix():
+    a, b = ge.Graph("a"), ge.Graph("b")
+    x = a.input("x", shape=(None, 2))
+    w = b.parameter("W", (2, 2))
+    with pytest.raises(ge.GraphBuildError, match="belongs to graph 'b'"):
+        x @ w
+
+
+def test_operators_on_tensor_handles():
+    g = ge.Graph()
+    x = g.input("x", shape=(None, 3))
+    w = g.parameter("W", (3, 2), init="normal")
+    b = g.parameter("b", (2,), init="zeros")
+    z = x @ w + b
+    out = ((-z) * 2.0 - 1.0) / 4.0 + z ** 2
+    e = ge.concat([out.exp(), z.log().abs()], axis=1).sum(axis=1).mean()
+    assert e.shape == () and out.shape == (None, 2)
+    assert z.T.shape == (2, None) and z.reshape(None, 2, 1).shape == (None, 2, 1)
+    assert x[:, -1].shape == (None,)
+    model = g.compile(outputs=[out])
+    X = np.ones((2, 3), np.float32)
+    W, B = model.parameters()["W"], model.parameters()["b"]
+    Z = X @ W + B
+    np.testing.assert_allclose(model.predict({"x": X}), (-Z * 2 - 1) / 4 + Z ** 2, rtol=1e-6)
+
+
+def test_user_code_line_is_recorded_on_nodes():
+    g = ge.Graph()
+    x = g.input("x", shape=(None, 4))
+    h = g.layer("dense", x, units=2, name="fc1")
+    origin = g.nodes[h.name].origin
+    assert origin is not None and origin.startswith(__file__)
+
+
+# ------------------------------------------------------------------ compile
+
+def test_compile_prunes_what_the_targets_do_not_need():
+    g, x, y, logits, loss = mlp()
+    g.layer("dense", x, units=7, name="unused")
+    plan = build_plan(g, [loss.name], loss=loss.name)
+    assert not any(n.startswith("unused/") for n in plan.slots)
+    infer = build_plan(g, [logits.name])
+    assert infer.feeds == ("x",)  # labels are not needed to predict
+
+
+def test_plan_releases_intermediates_after_last_use():
+    g = ge.Graph()
+    x = g.input("x", shape=(None, 3))
+    a = x.exp()
+    b = a.exp()
+    c = b.exp()
+    plan = build_plan(g, [c.name])
+    released = {s for step in plan.steps for s in step.release}
+    assert plan.slots[a.name] in released and plan.slots[b.name] in released
+    assert plan.slots[c.name] not in released
+
+
+def test_values_backward_needs_are_kept_until_backward():
+    g, x, y, logits, loss = mlp()
+    plan = build_plan(g, [loss.name], loss=loss.name)
+    tanh = next(n for n in plan.slots if n.startswith("tanh"))
+    assert plan.slots[tanh] in plan.retained  # tanh keeps its output for backward
+    forward_released = {s for step in plan.steps for s in step.release}
+    assert plan.slots[tanh] not in forward_released
+    backward_released = {s for b in plan.backward for s in b.release}
+    assert plan.slots[tanh] in backward_released
+
+
+def test_loss_must_be_scalar():
+    g = ge.Graph()
+    x = g.input("x", shape=(None, 3))
+    w = g.parameter("W", (3, 2))
+    with pytest.raises(ge.CompileError, match="must be a scalar"):
+        g.compile(x @ w, outputs=[x @ w])
+
+
+def test_loss_that_no_parameter_influences_is_rejected():
+    g = ge.Graph()
+    x = g.input("x", shape=(None, 3))
+    with pytest.raises(ge.CompileError, match="nothing to differentiate"):
+        g.compile((x * x).mean(), outputs=[x])
+
+
+def test_cycle_is_rejected():
+    g = ge.Graph()
+    x = g.input("x", shape=(None, 3))
+    a = x.exp()
+    b = a.log()
+    g.dag.add_edge(b.name, a.name)
+    with pytest.raises(ge.CompileError, match="cycle"):
+        build_plan(g, [b.name])
+
+
+# ------------------------------------------------------------------ feeds
+
+@pytest.fixture
+def model():
+    g, *_, loss = mlp()
+    return g.compile(loss, optimizer=ge.optimizer("sgd", lr=0.1))
+
+
+def test_missing_and_unknown_feeds(model):
+    with pytest.raises(ge.FeedError, match=r"missing feed\(s\) \['y'\]"):
+        model.forward({"x": np.zeros((2, 4))})
+    with pytest.raises(ge.FeedError, match="unknown feed"):
+        model.forward({"x": np.zeros((2, 4)), "y": np.zeros(2, int), "z": 1})
+
+
+def test_wrong_feed_shape_and_dtype(model):
+    with pytest.raises(ge.FeedError, match=r"shape \(2, 5\).*expects \(None, 4\)"):
+        model.forward({"x": np.zeros((2, 5)), "y": np.zeros(2, int)})
+    with pytest.raises(ge.FeedError, match="never truncated"):
+        model.forward({"x": np.zeros((2, 4)), "y": np.zeros(2)})
+    with pytest.raises(ge.FeedError, match="batch size"):
+        model.forward({"x": np.zeros((2, 4)), "y": np.zeros(3, int)})
+
+
+def test_float64_feeds_are_cast_to_the_input_dtype(model):
+    model.forward({"x": np.zeros((2, 4), np.float64), "y": np.zeros(2, int)})
+    assert all(p.dtype == np.float32 for p in model.parameters().values())
+    assert all(g.dtype == np.float32 for g in (model.backward() or model.gradients()).values())
+
+
+# ------------------------------------------------------------------ autodiff
+
+def test_model_gradients_match_finite_differences(backend):
+    g, *_, loss = mlp("float64")
+    model = g.compile(loss, backend=backend)
+    feeds = {"x": np.random.default_rng(0).standard_normal((6, 4)), "y": np.arange(6) % 3}
+    model.forward(feeds)
+    model.backward()
+    analytic = {k: model.backend.to_numpy(v) for k, v in model.gradients().items()}
+    numeric = numeric_parameter_gradients(model, feeds)
+    assert sorted(analytic) == sorted(numeric) == ["fc1/W", "fc1/b", "out/W", "out/b"]
+    for name, grad in analytic.items():
+        np.testing.assert_allclose(grad, numeric[name], rtol=1e-5, atol=1e-7)
+
+
+def test_fan_out_shared_parameter_and_skip_connection_accumulate(backend):
+    g = ge.Graph()
+    x = g.input("x", shape=(None, 3), dtype="float64")
+    w = g.parameter("W", (3, 3), init="normal", dtype="float64")
+    h = g.activation("tanh", x @ w)
+    h2 = g.activation("tanh", h @ w)  # W used twice
+    out = h2 + h + x  # skip connections: h and x fan out
+    loss = (out * out).mean()
+    model = g.compile(loss, outputs=[out], backend=backend)
+    feeds = {"x": np.random.default_rng(1).standard_normal((4, 3))}
+    model.forward(feeds)
+    model.backward()
+    analytic = model.backend.to_numpy(model.gradients()["W"])
+    numeric = numeric_parameter_gradients(model, feeds)
+    np.testing.assert_allclose(analytic, numeric["W"], rtol=1e-5, atol=1e-8)
+
+
+def test_gradients_are_zeroed_at_each_backward():
+    g, *_, loss = mlp()
+    model = g.compile(loss)
+    feeds = {"x": np.ones((2, 4), np.float32), "y": np.array([0, 1])}
+    model.forward(feeds)
+    model.backward()
+    first = {k: v.copy() for k, v in model.gradients().items()}
+    model.forward(feeds)
+    model.backward()
+    for k, v in model.gradients().items():
+        np.testing.assert_array_equal(v, first[k])
+
+
+def test_input_gradient_on_request(backend):
+    g = ge.Graph()
+    x = g.input("x", shape=(None, 3), dtype="float64")
+    w = g.parameter("W", (3, 1), init="normal", dtype="float64")
+    loss = (x @ w).sum()
+    model = g.compile(loss, outputs=[x @ w], backend=backend)
+    model.forward({"x": np.ones((2, 3))})
+    model.backward(wrt=["x"])
+    W = model.backend.to_numpy(model.parameters()["W"])
+    np.testing.assert_allclose(model.backend.to_numpy(model.input_gradient("x")), np.tile(W.T, (2, 1)))
+    with pytest.raises(ge.GraphEngineError, match="not one"):
+        model.backward(wrt=["W"])
+
+
+def test_shared_parameters_between_models():
+    g, x, y, logits, loss = mlp()
+    trained = g.compile(loss)
+    score = logits[:, 0].sum()
+    probe = g.compile(score, outputs=[logits], parameters=trained.parameters())
+    assert probe.parameters()["fc1/W"] is trained.parameters()["fc1/W"]
+
+
+def test_frozen_parameters_get_no_gradient_and_no_update():
+    g, *_, loss = mlp()
+    model = g.compile(loss, optimizer="sgd")
+    model.freeze("fc1")
+    before = model.parameters()["fc1/W"].copy()
+    model.train_step({"x": np.ones((2, 4), np.float32), "y": np.array([0, 1])})
+    assert "fc1/W" not in model.gradients()
+    np.testing.assert_array_equal(model.parameters()["fc1/W"], before)
+    assert "out/W" in model.gradients()
+
+
+def test_predict_returns_probabilities_through_the_loss_link():
+    g, *_, loss = mlp()
+    model = g.compile(loss)
+    probs = model.predict({"x": np.random.default_rng(0).standard_normal((5, 4))}, batch_size=2)
+    assert probs.shape == (5, 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1, rtol=1e-5)
+
+
+def test_sgd_update_matches_formula():
+    g, *_, loss = mlp()
+    model = g.compile(loss, optimizer=ge.optimizer("sgd", lr=0.5))
+    feeds = {"x": np.ones((2, 4), np.float32), "y": np.array([0, 1])}
+    before = {k: v.copy() for k, v in model.parameters().items()}
+    model.forward(feeds)
+    model.backward()
+    grads = {k: v.copy() for k, v in model.gradients().items()}
+    model.step()
+    for k, p in model.parameters().items():
+        np.testing.assert_allclose(p, before[k] - 0.5 * grads[k], rtol=1e-6)
