@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .backend import Backend
 from .base import Activation, Initializer, Layer, Loss, Optimizer
+from .debug import debug
 from .errors import (
     BackendError,
     CompileError,
@@ -16,6 +17,7 @@ from .errors import (
     GraphBuildError,
     GraphEngineError,
     NumericalError,
+    OperatorError,
     PluginConflictError,
     PluginError,
     SerializationError,
@@ -26,7 +28,21 @@ from .graph import Graph, Tensor
 from .model import Model, get_backend, optimizer
 from .operators import Operator, TensorSpec
 from .plugins import get_plugin_manager, hookimpl
-from .training import Callback, History
+from .profile import Profile, profile
+from .regularization import (
+    L1,
+    L1L2,
+    L2,
+    ClipNorm,
+    ClipValue,
+    ExponentialDecay,
+    InverseTimeDecay,
+    MaxNorm,
+    Schedule,
+    StepDecay,
+)
+from .serialize import LoadReport, load
+from .training import Callback, Checkpoint, EarlyStopping, History
 
 __version__ = "0.1.0"
 
@@ -45,13 +61,19 @@ def log(x: Tensor) -> Tensor:
 
 
 def maximum(a: Tensor, b: Tensor) -> Tensor:
-    return a.graph.op("maximum", a, a.graph.as_tensor(b, like=a))
+    with a.graph.atomic():
+        return a.graph.op("maximum", a, a.graph.as_tensor(b, like=a))
 
 
 __all__ = [
-    "Activation", "Backend", "BackendError", "Callback", "CompileError", "DataError", "FeedError",
-    "Graph", "GraphBuildError", "GraphEngineError", "History", "Initializer", "Layer", "Loss",
-    "Model", "NumericalError", "Operator", "Optimizer", "PluginConflictError", "PluginError",
+    "L1", "L1L2", "L2", "ClipNorm", "ClipValue", "ExponentialDecay", "InverseTimeDecay", "MaxNorm",
+    "Schedule", "StepDecay",
+    "Activation", "Backend", "BackendError", "Callback", "Checkpoint", "CompileError", "DataError",
+    "EarlyStopping", "FeedError", "Graph", "GraphBuildError", "GraphEngineError", "History",
+    "Initializer", "Layer", "LoadReport", "Loss",
+    "Model", "NumericalError", "Operator", "OperatorError", "Optimizer", "Profile",
+    "PluginConflictError", "PluginError",
     "SerializationError", "ShapeError", "Tensor", "TensorSpec", "UnknownNameError", "concat",
-    "exp", "get_backend", "get_plugin_manager", "hookimpl", "log", "maximum", "optimizer",
+    "debug", "exp", "get_backend", "get_plugin_manager", "hookimpl", "load", "log", "maximum", "optimizer",
+    "profile",
 ]

@@ -120,7 +120,9 @@ class LossOp(Operator):
         require_float(pred, "prediction")
         family = "int" if target.dtype.startswith(("int", "uint")) else "float"
         if family != self.loss.target_kind:
-            raise ShapeError(f"target must be {self.loss.target_kind}, got {target.dtype}")
+            raise ShapeError(f"target must be {self.loss.target_kind}, got {target.dtype}: declare "
+                             f"the target input with dtype="
+                             f"{'int64' if self.loss.target_kind == 'int' else 'float32'!r}")
         self.loss.check(pred, target)
         return TensorSpec((), pred.dtype)
 
@@ -158,6 +160,11 @@ class Optimizer:
     parameter's backend); ``update`` changes ``param`` in place. ``step`` counts from 1.
     ``lr`` may be changed between steps by a learning-rate schedule.
     """
+
+    #: True when ``update`` treats every element alike (given scalar hyper-parameters and
+    #: scalar state): the model may then update all parameters as one flat array in one call.
+    #: Leave it False for per-layer rules (LARS/LAMB trust ratios, per-matrix norms).
+    elementwise: ClassVar[bool] = False
 
     def __init__(self, lr: float = 0.01) -> None:
         self.lr = lr

@@ -4,16 +4,21 @@ A Plan is a flat list of steps over numbered value slots. For each slot it knows
 that reads it in the forward pass, and whether a backward step reads it later (an operator's
 ``retain_inputs``/``retain_output``), so every intermediate is released right after its last use,
 as Theano's VM does.
+
+A training or inference plan also carries ``fast``: the same schedule with ``matmul -> add bias
+-> activation`` chains fused into single steps (see :mod:`graphengine.fusion`). The model runs
+``fast`` when no observer watches the step; observers always see one step per graph node.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 
 from .errors import CompileError
+from .fusion import FusedDense, backward_parts, fuse_dense
 from .operators import Constant, Input, Operator, Parameter, TensorSpec
 
 
@@ -55,26 +60,58 @@ class Plan:
     retained: frozenset[int] = frozenset()
     backward: list[BackwardStep] = field(default_factory=list)
     loss: str | None = None
+    #: The same computation with fused steps, for unobserved runs; None when nothing fuses.
+    fast: Plan | None = None
+    #: (name, type, dtype, shape) of the last feeds that passed the checks as they were, and
+    #: their batch size: feeds that look the same skip the checks.
+    feed_signature: tuple | None = None
+    feed_batch: int | None = None
 
     @property
     def names(self) -> list[str]:
         return list(self.slots)
 
+    def programs(self) -> tuple[list[tuple], list[tuple]]:
+        """The steps with their operators' methods bound once, for the step loops: forward
+        ``(forward, out, args, release)``, backward ``(backward, out, kept_args, kept_out,
+        grad_to, release)``. Cached outside the dataclass fields, so a ``replace``d copy of the
+        plan (with other operators) builds its own."""
+        cached = self.__dict__.get("_programs")
+        if cached is None:
+            cached = self.__dict__["_programs"] = (
+                [(s.op.forward, s.out, s.args, s.release) for s in self.steps],
+                [(b.step.op.backward, b.step.out, b.kept_args, b.kept_out, b.grad_to, b.release)
+                 for b in self.backward])
+        return cached
+
 
 def check_acyclic(dag: nx.DiGraph) -> None:
     if not nx.is_directed_acyclic_graph(dag):
-        cycle = " -> ".join(str(u) for u, _ in nx.find_cycle(dag))
-        raise CompileError(f"the graph has a cycle ({cycle}); a static graph must be acyclic")
+        cycle = [str(u) for u, _ in nx.find_cycle(dag)]
+        raise CompileError(f"the graph has a cycle ({' -> '.join([*cycle, cycle[0]])}); a static "
+                           f"graph must be acyclic: remove the edge that feeds a node back into "
+                           f"its own inputs (for a loop over time, use a recurrent layer)")
+
+
+def check_loss(graph, loss: str) -> None:
+    """A loss must be a floating-point scalar: the one value that backward differentiates."""
+    spec = graph.nodes[loss].spec
+    if spec.shape != ():
+        raise CompileError(f"the loss {loss!r} must be a scalar, but its shape is {spec.shape}; "
+                           f"reduce it with .mean() or .sum()")
+    if not spec.dtype.startswith("float"):
+        raise CompileError(f"the loss {loss!r} must be floating point, got {spec.dtype}; build it "
+                           f"from float tensors")
 
 
 def build_plan(graph, targets: Iterable[str], *, loss: str | None = None,
                wrt: Iterable[str] = (), keep: Iterable[str] = (),
-               frozen: Iterable[str] = ()) -> Plan:
+               frozen: Iterable[str] = (), fuse: bool = True) -> Plan:
     """Plan the nodes ``targets`` need.
 
     With ``loss``, also plan the backward pass from it to the trainable parameters (less those
     ``frozen``) and to the sources named in ``wrt``. ``keep`` names nodes whose values must
-    survive the step besides the targets.
+    survive the step besides the targets. With ``fuse``, ``plan.fast`` is the fused variant.
     """
     dag = graph.dag
     check_acyclic(dag)
@@ -89,17 +126,32 @@ def build_plan(graph, targets: Iterable[str], *, loss: str | None = None,
                                                              key=_insertion_order(graph))]
     slots = {name: i for i, name in enumerate(order)}
     nodes = graph.nodes
-    steps = [Step(n, nodes[n].op, slots[n], tuple(slots[i] for i in nodes[n].inputs))
-             for n in order if not graph.is_source(n)]
-    plan = Plan(
-        targets=targets, slots=slots, specs=[nodes[n].spec for n in order],
-        feeds=tuple(n for n in order if isinstance(nodes[n].op, Input)),
-        parameters=tuple(n for n in order if isinstance(nodes[n].op, Parameter)),
-        constants=tuple(n for n in order if isinstance(nodes[n].op, Constant)),
-        steps=steps, loss=loss)
-    if loss is not None:
-        _plan_backward(graph, plan, loss, set(wrt), set(frozen))
-    _plan_releases(plan, {slots[n] for n in (*targets, *keep) if n in slots})
+
+    def make_step(name: str, op: Operator, inputs: Iterable[str]) -> Step:
+        return Step(name, op, slots[name], tuple(slots[i] for i in inputs))
+
+    steps = [make_step(n, nodes[n].op, nodes[n].inputs) for n in order if not graph.is_source(n)]
+
+    def schedule(steps: list[Step]) -> Plan:
+        plan = Plan(
+            targets=targets, slots=slots, specs=[nodes[n].spec for n in order],
+            feeds=tuple(n for n in order if isinstance(nodes[n].op, Input)),
+            parameters=tuple(n for n in order if isinstance(nodes[n].op, Parameter)),
+            constants=tuple(n for n in order if isinstance(nodes[n].op, Constant)),
+            steps=steps, loss=loss)
+        if loss is not None:
+            _plan_backward(graph, plan, loss, set(wrt), set(frozen))
+        _plan_releases(plan, {slots[n] for n in (*targets, *keep) if n in slots})
+        return plan
+
+    plan = schedule(steps)
+    if fuse:
+        fused = fuse_dense(graph, steps, {*targets, *keep}, make_step)
+        if len(fused) < len(steps):
+            plan.fast = schedule([replace(s) for s in fused])  # copies: releases differ
+            for bstep in plan.fast.backward:
+                if isinstance(bstep.step.op, FusedDense):
+                    bstep.step.op.wanted = tuple(slot >= 0 for slot in bstep.grad_to)
     return plan
 
 
@@ -110,12 +162,7 @@ def _insertion_order(graph):
 
 def _plan_backward(graph, plan: Plan, loss: str, wrt: set[str], frozen: set[str]) -> None:
     nodes = graph.nodes
-    spec = nodes[loss].spec
-    if spec.shape != ():
-        raise CompileError(f"the loss {loss!r} must be a scalar, but its shape is {spec.shape}; "
-                           f"reduce it with .mean() or .sum()")
-    if not spec.dtype.startswith("float"):
-        raise CompileError(f"the loss {loss!r} must be floating point, got {spec.dtype}")
+    check_loss(graph, loss)
     sources = {n for n in plan.parameters if nodes[n].op.trainable and n not in frozen}
     sources |= wrt & set(plan.slots)
     flows: set[str] = set(sources)  # nodes a gradient reaches: downstream of a source, upstream of the loss
@@ -130,19 +177,23 @@ def _plan_backward(graph, plan: Plan, loss: str, wrt: set[str], frozen: set[str]
     flows &= upstream
     if loss not in flows:
         raise CompileError(f"no trainable parameter (or input asked for) influences the loss "
-                           f"{loss!r}: nothing to differentiate")
+                           f"{loss!r}: nothing to differentiate; put a layer with parameters on "
+                           f"the path to the loss, unfreeze one, or compile with outputs=[...] "
+                           f"and no loss to only run the graph")
     slots = plan.slots
+    names = plan.names
     retained: set[int] = set()
     for step in reversed(plan.steps):
         if step.name not in flows:
             continue
-        op = step.op
-        kept_args = tuple(a if k in op.retain_inputs else -1 for k, a in enumerate(step.args))
-        kept_out = step.out if op.retain_output else -1
-        grad_to = tuple(slots[i] if i in flows and k not in op.nondifferentiable_inputs else -1
-                        for k, i in enumerate(nodes[step.name].inputs))
-        retained |= {s for s in (*kept_args, kept_out) if s >= 0}
-        plan.backward.append(BackwardStep(step, kept_args, kept_out, grad_to))
+        for part in backward_parts(step, slots):
+            op = part.op
+            kept_args = tuple(a if k in op.retain_inputs else -1 for k, a in enumerate(part.args))
+            kept_out = part.out if op.retain_output else -1
+            grad_to = tuple(a if names[a] in flows and k not in op.nondifferentiable_inputs else -1
+                            for k, a in enumerate(part.args))
+            retained |= {s for s in (*kept_args, kept_out) if s >= 0}
+            plan.backward.append(BackwardStep(part, kept_args, kept_out, grad_to))
     plan.retained = frozenset(retained)
     # A retained value is released after the last backward step that reads it (the earliest
     # in forward order), unless it is a source (inputs and parameters outlive the step).

@@ -9,6 +9,9 @@ from collections.abc import Iterable
 class GraphEngineError(Exception):
     """Base class of all graphengine errors."""
 
+    #: The graph node the error is about, where one is known (set by the model at run time).
+    node: str | None = None
+
 
 class GraphBuildError(GraphEngineError, ValueError):
     """A graph cannot be built as asked (unknown input, duplicate name, cycle, ...)."""
@@ -47,6 +50,11 @@ class UnknownNameError(GraphEngineError, KeyError):
 
 class NumericalError(GraphEngineError, FloatingPointError):
     """A NaN or Inf appeared in a forward or backward value (debug mode)."""
+
+
+class OperatorError(GraphEngineError, RuntimeError):
+    """An operator's code failed while running: a plugin bug, or sizes only known at run time
+    (the batch) that do not fit together."""
 
 
 class DataError(GraphEngineError, ValueError):

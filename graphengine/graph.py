@@ -17,7 +17,7 @@ import networkx as nx
 import numpy as np
 
 from .base import ActivationOp, LossOp
-from .errors import GraphBuildError, ShapeError
+from .errors import GraphBuildError, GraphEngineError, ShapeError
 from .operators import (
     PRIMITIVES,
     Constant,
@@ -64,6 +64,8 @@ class Tensor:
     """A symbolic handle on a node's output. Arithmetic on tensors adds nodes to their graph."""
 
     __slots__ = ("graph", "name")
+    # NumPy defers to our reflected operators: ``array - x`` is a node, not an object array of them.
+    __array_ufunc__ = None
 
     def __init__(self, graph: Graph, name: str) -> None:
         self.graph = graph
@@ -89,9 +91,10 @@ class Tensor:
         return f"<Tensor {self.name!r} {self.node.spec} from {self.node.kind}>"
 
     def _binary(self, kind: str, other: Any, reverse: bool = False) -> Tensor:
-        other = self.graph.as_tensor(other, like=self)
-        a, b = (other, self) if reverse else (self, other)
-        return self.graph.op(kind, a, b)
+        with self.graph.atomic():  # no stray constant is left if the operator fails
+            other = self.graph.as_tensor(other, like=self)
+            a, b = (other, self) if reverse else (self, other)
+            return self.graph.op(kind, a, b)
 
     def __add__(self, other): return self._binary("add", other)
     def __radd__(self, other): return self._binary("add", other, reverse=True)
@@ -209,14 +212,29 @@ class Graph:
             yield
         except BaseException:
             if top:
-                for name in list(self.nodes)[before:]:
-                    del self.nodes[name]
-                    self.dag.remove_node(name)
+                self._remove_nodes_after(before)
             raise
         finally:
             self._depth -= 1
         if top:
             self.calls.append(call)
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Builder calls that stand or fall together: if one fails, those before it in the block
+        are undone too (``x + array`` adds a constant, then the operator using it)."""
+        nodes, calls = len(self.nodes), len(self.calls)
+        try:
+            yield
+        except BaseException:
+            self._remove_nodes_after(nodes)
+            del self.calls[calls:]
+            raise
+
+    def _remove_nodes_after(self, count: int) -> None:
+        for name in list(self.nodes)[count:]:
+            del self.nodes[name]
+            self.dag.remove_node(name)
 
     # -- adding nodes ----------------------------------------------------------------------
 
@@ -237,6 +255,18 @@ class Graph:
         except ShapeError as exc:
             shapes = ", ".join(f"{t.name} {t.node.spec}" for t in inputs)
             raise ShapeError(f"node {name!r} ({op.kind}): {exc} [inputs: {shapes}]") from None
+        except GraphEngineError:
+            raise
+        except Exception as exc:  # wrong number of inputs, a nonsensical config, a plugin's bug
+            shapes = ", ".join(f"{t.name} {t.node.spec}" for t in inputs)
+            raise GraphBuildError(f"node {name!r} ({op.kind}) cannot infer its output from inputs "
+                                  f"[{shapes}] and config {op.config()}: {type(exc).__name__}: "
+                                  f"{exc}") from None
+        if not isinstance(spec, TensorSpec) or 0 in spec.shape:
+            shapes = ", ".join(f"{t.name} {t.node.spec}" for t in inputs)
+            what = (f"would be empty, of shape {spec.shape}: check its slice or sizes"
+                    if isinstance(spec, TensorSpec) else f"infer() returned {spec!r}, not a TensorSpec")
+            raise ShapeError(f"node {name!r} ({op.kind}) {what} [inputs: {shapes}]")
         node = Node(name, op, tuple(t.name for t in inputs), spec,
                     layer="/".join(self._scopes) or None, origin=self._origin)
         self.nodes[name] = node
@@ -300,11 +330,17 @@ class Graph:
         if kind not in PRIMITIVES:
             from .errors import UnknownNameError, did_you_mean
             raise UnknownNameError(f"unknown primitive operator {kind!r}."
-                                   f"{did_you_mean(kind, PRIMITIVES)}")
+                                   f"{did_you_mean(kind, PRIMITIVES)} Primitives: "
+                                   f"{', '.join(sorted(PRIMITIVES))}; layers and activations are "
+                                   f"built with g.layer(...) and g.activation(...)")
         call = {"call": "op", "kind": kind, "inputs": [t.name for t in inputs], "name": name,
                 "config": config}
+        try:
+            op = PRIMITIVES[kind](**config)
+        except (TypeError, ValueError) as exc:
+            raise GraphBuildError(f"operator {kind!r} rejected its arguments {config}: {exc}") from None
         with self._recording(call):
-            return self._add(PRIMITIVES[kind](**config), inputs, self._full_name(name, kind))
+            return self._add(op, inputs, self._full_name(name, kind))
 
     def layer(self, kind: str, *inputs: Tensor, name: str | None = None, **config: Any) -> Tensor:
         """Build a registered layer: ``g.layer("dense", x, units=128, name="fc1")``."""
@@ -314,10 +350,21 @@ class Graph:
         call = {"call": "layer", "kind": kind, "inputs": [t.name for t in inputs], "name": scope,
                 "config": config}
         with self._recording(call), self.name_scope(scope):
-            out = layer.build(self, *inputs)
-        if not isinstance(out, Tensor):
-            raise GraphBuildError(f"layer {kind!r} from {entry.origin()} returned "
-                                  f"{type(out).__name__} from build(), not a Tensor")
+            try:
+                out = layer.build(self, *inputs)
+            except GraphEngineError:
+                raise
+            except Exception as exc:  # a plugin's bug, or inputs its build() cannot take
+                shapes = ", ".join(f"{t.name} {t.node.spec}" if isinstance(t, Tensor) else repr(t)
+                                   for t in inputs)
+                raise GraphBuildError(f"layer {kind!r} from {entry.origin()} failed in build() on "
+                                      f"inputs [{shapes}]: {type(exc).__name__}: {exc}; check the "
+                                      f"inputs and arguments, else report it to the plugin's "
+                                      f"author") from exc
+            if not isinstance(out, Tensor):  # inside, so that its nodes are removed again
+                raise GraphBuildError(f"layer {kind!r} from {entry.origin()} returned "
+                                      f"{type(out).__name__} from build(), not a Tensor: fix its "
+                                      f"build() (or report it to the plugin's author)")
         return out
 
     def _layer_scope(self, name: str | None, kind: str) -> str:
@@ -340,7 +387,11 @@ class Graph:
 
     def activation(self, kind: str, x: Tensor, name: str | None = None, **config: Any) -> Tensor:
         """Apply a registered activation: ``g.activation("relu", h)``."""
-        entry = get_plugin_manager().activations.entry(kind)
+        manager = get_plugin_manager()
+        if kind not in manager.activations and kind in manager.layers:
+            raise GraphBuildError(f"{kind!r} is a layer, not an activation (it learns parameters): "
+                                  f"use g.layer({kind!r}, x, ...) on input {x.name!r}")
+        entry = manager.activations.entry(kind)
         activation = _construct(entry, "activation", kind, config)
         call = {"call": "activation", "kind": kind, "inputs": [x.name], "name": name,
                 "config": config}
@@ -382,7 +433,9 @@ class Graph:
 
         ``outputs`` are what ``predict`` returns; by default the loss's prediction (through the
         loss's link, e.g. softmax probabilities). ``parameters`` shares existing arrays by name
-        (another model's, say) instead of initializing new ones.
+        (another model's, say) instead of initializing new ones. ``regularizer``, ``constraint``,
+        ``clip_norm``, ``clip_value`` and ``schedule`` attach weight penalties, max-norm, gradient
+        clipping and a learning-rate schedule (see :mod:`graphengine.regularization`).
         """
         from .model import Model
         return Model(self, loss=loss, outputs=outputs, optimizer=optimizer, backend=backend,
@@ -392,7 +445,9 @@ class Graph:
 def _construct(entry: Any, what: str, kind: str, config: dict[str, Any]) -> Any:
     try:
         return entry.obj(**config)
-    except TypeError as exc:
+    except GraphEngineError:
+        raise
+    except (TypeError, ValueError) as exc:
         raise GraphBuildError(f"{what} {kind!r} from {entry.origin()} rejected its arguments "
                               f"{config}: {exc}") from None
 
@@ -404,8 +459,8 @@ def _check_shape(shape: Any, what: str) -> Shape:
         raise ShapeError(f"{what}: shape must be a tuple of ints (None for the batch), "
                          f"got {shape!r}") from None
     for d in shape:
-        if d is not None and (not isinstance(d, (int, np.integer)) or d < 0):
-            raise ShapeError(f"{what}: shape {shape} must hold non-negative ints or None")
+        if d is not None and (not isinstance(d, (int, np.integer)) or d < 1):
+            raise ShapeError(f"{what}: shape {shape} must hold positive ints or None (the batch)")
     return tuple(None if d is None else int(d) for d in shape)
 
 

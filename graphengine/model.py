@@ -3,6 +3,7 @@ gradients and optimizer state."""
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -11,13 +12,25 @@ import numpy as np
 
 from .backend import Backend
 from .base import LossOp, Optimizer
-from .compile import Plan, build_plan
-from .errors import BackendError, CompileError, FeedError, GraphEngineError
+from .compile import Plan, Step, build_plan, check_acyclic, check_loss
+from .debug import debug_active, debug_observer, describe_node, implementation
+from .errors import (
+    BackendError,
+    CompileError,
+    FeedError,
+    GraphEngineError,
+    OperatorError,
+    ShapeError,
+)
+from .flat import FlatParameters
 from .operators import Parameter
 from .plugins import get_plugin_manager
+from .regularization import Schedule, install
 
 if TYPE_CHECKING:
     from .graph import Graph, Tensor
+    from .profile import Profile
+    from .serialize import LoadReport
     from .training import History
 
 Feeds = Mapping[str, Any]
@@ -61,7 +74,9 @@ class Model:
     def __init__(self, graph: Graph, *, loss: Tensor | None = None,
                  outputs: Sequence[Tensor] | Tensor | None = None,
                  optimizer: Optimizer | str | None = None, backend: str | Backend = "numpy",
-                 seed: int = 0, parameters: Mapping[str, Any] | None = None) -> None:
+                 seed: int = 0, parameters: Mapping[str, Any] | None = None,
+                 regularizer: Any = None, constraint: Any = None, clip_norm: float | None = None,
+                 clip_value: float | None = None, schedule: Schedule | None = None) -> None:
         self.graph = graph
         self.backend = get_backend(backend)
         self.xp = self.backend.xp
@@ -69,6 +84,9 @@ class Model:
         if loss is None and not outputs:
             raise CompileError("compile() needs a loss, outputs, or both")
         self.loss_name = _node_name(graph, loss, "loss") if loss is not None else None
+        check_acyclic(graph.dag)
+        if self.loss_name is not None:
+            check_loss(graph, self.loss_name)
         if isinstance(outputs, Iterable) and not isinstance(outputs, str):
             outputs = list(outputs)
         elif outputs is not None:
@@ -96,15 +114,30 @@ class Model:
         self.observers: list[Any] = []
         self.frozen: set[str] = set()
         self._plans: dict[Any, Plan] = {}
+        self._flat: FlatParameters | None = None
         self._values: list[Any] = []
         self._grads: list[Any] = []
         self._plan: Plan | None = None
         self.train_plan = self._get_plan("train") if self.loss_name else None
         self._init_parameters(parameters or {})
+        # Trainable parameters of the training plan share one buffer per dtype (shared ones
+        # belong to another model and stay as they are); see graphengine.flat.
+        packable = [n for n in (self.train_plan.parameters if self.train_plan else ())
+                    if self.graph.nodes[n].op.trainable and n not in (parameters or {})]
+        self._flat = FlatParameters(self.xp, self._params, packable)
+        for plan in self._plans.values():
+            self._flat.bind(plan)
         self.optimizer_state: dict[str, dict[str, Any]] = {}
-        stochastic = self.backend.make_rng(seed + 1)
+        install(self, regularizer=regularizer, constraint=constraint, clip_norm=clip_norm,
+                clip_value=clip_value, schedule=schedule)
+        #: Random numbers of stochastic operators (dropout) and the shuffling order of fit: both
+        #: go into checkpoints, so a resumed run draws what the uninterrupted one would have.
+        self.rng = self.backend.make_rng(seed + 1)
+        self.data_rng = np.random.default_rng(seed + 2)
+        #: Data-fitted layers (preprocessing) already fitted: fit() leaves them alone.
+        self.fitted_layers: set[str] = set()
         for node in graph.nodes.values():
-            node.op.rng = stochastic
+            node.op.rng = self.rng
             node.op.training = True
 
     # -- parameters ------------------------------------------------------------------------
@@ -129,6 +162,18 @@ class Model:
     def parameters(self) -> dict[str, Any]:
         """Parameter name -> array (the model's own arrays: writing into them changes the model)."""
         return dict(self._params)
+
+    def set_parameters(self, values: Mapping[str, Any]) -> None:
+        """Copy host arrays into parameters by name, in place (cast to each parameter's dtype)."""
+        for name, value in values.items():
+            if name not in self._params:
+                raise GraphEngineError(f"model {self.graph.name!r} has no parameter {name!r}")
+            param = self._params[name]
+            value = np.asarray(value)
+            if value.shape != tuple(param.shape):
+                raise GraphEngineError(f"parameter {name!r} has shape {tuple(param.shape)}, "
+                                       f"the value given has {value.shape}")
+            param[...] = self.backend.asarray(value, dtype=param.dtype)
 
     def trainable_parameters(self) -> list[str]:
         return [n for n in self._params
@@ -182,6 +227,8 @@ class Model:
             else:
                 plan = build_plan(self.graph, fetches or tuple(self.output_names))
             self._plans[key] = plan
+            if self._flat is not None:
+                self._flat.bind(plan)
         return plan
 
     def _set_mode(self, training: bool) -> None:
@@ -200,27 +247,53 @@ class Model:
 
     # -- feeds -------------------------------------------------------------------------------
 
-    def _load_feeds(self, plan: Plan, feeds: Feeds, values: list[Any]) -> int | None:
+    def _check_feed_names(self, plan: Plan, feeds: Feeds) -> None:
         if not isinstance(feeds, Mapping):
-            raise FeedError(f"feeds must be a dict of input name -> array, got {type(feeds).__name__}")
+            raise FeedError(f"feeds must be a dict of input name -> array, got {type(feeds).__name__}: "
+                            f"pass {{{', '.join(repr(n) + ': ...' for n in plan.feeds)}}}")
         missing = [n for n in plan.feeds if n not in feeds]
         if missing:
             raise FeedError(f"missing feed(s) {missing}: this computation needs inputs "
-                            f"{list(plan.feeds)}")
+                            f"{list(plan.feeds)}; add an array for each to the feed dict")
         unknown = [n for n in feeds if n not in self.graph.nodes or self.graph.nodes[n].kind != "input"]
         if unknown:
             raise FeedError(f"unknown feed(s) {unknown}: graph {self.graph.name!r} has inputs "
-                            f"{self.graph.inputs()}")
+                            f"{self.graph.inputs()}; check the spelling, or leave them out")
+
+    def _feed_array(self, name: str, value: Any) -> Any:
+        """``value`` if it is an array of this backend, else a host (NumPy) array of it; an array
+        of another backend is refused, since backends only convert when asked to."""
+        if self.backend.is_array(value):
+            return value
+        try:
+            if type(value).__module__.split(".")[0] in ("cupy", "torch", "jax", "jaxlib"):
+                raise TypeError("arrays of other libraries are not converted implicitly")
+            return np.asarray(value)
+        except TypeError as exc:  # CuPy and strict arrays refuse implicit conversion
+            if not hasattr(value, "shape"):
+                raise FeedError(f"feed {name!r} is a {type(value).__name__}, not an array: {exc}") from None
+            raise BackendError(f"feed {name!r} is a {type(value).__module__}.{type(value).__name__}, "
+                               f"but the model runs on backend {self.backend.name!r}: convert it "
+                               f"explicitly (its backend's to_numpy(), then feed the NumPy array); "
+                               f"graphengine never converts between backends silently") from None
+        except ValueError as exc:
+            raise FeedError(f"feed {name!r} cannot become an array ({exc}); feed a rectangular "
+                            f"array of numbers") from None
+
+    def _load_feeds(self, plan: Plan, feeds: Feeds, values: list[Any]) -> int | None:
+        # Feeds of the same names, types, dtypes and shapes as the last ones that passed
+        # unconverted pass again: fit() feeds batch after batch alike.
+        signature = tuple((k, type(v), getattr(v, "dtype", None), getattr(v, "shape", None))
+                          for k, v in feeds.items()) if isinstance(feeds, dict) else None
+        if signature is not None and signature == plan.feed_signature:
+            for name in plan.feeds:
+                values[plan.slots[name]] = feeds[name]
+            return plan.feed_batch
+        self._check_feed_names(plan, feeds)
         batch = None
         for name in plan.feeds:
-            value = feeds[name]
+            value = self._feed_array(name, feeds[name])
             spec = self.graph.nodes[name].spec
-            if not self.backend.is_array(value):
-                if any(t.__module__.split(".")[0] in ("cupy", "torch", "jax") for t in type(value).__mro__):
-                    raise BackendError(f"feed {name!r} is a {type(value).__module__}."
-                                       f"{type(value).__name__}, but the model runs on backend "
-                                       f"{self.backend.name!r}; convert it explicitly first")
-                value = np.asarray(value)
             kind = np.dtype(value.dtype).kind
             want = np.dtype(spec.dtype).kind
             if kind not in "biuf" or (want in "iub" and kind == "f"):
@@ -229,12 +302,14 @@ class Model:
             if len(value.shape) != len(spec.shape) or any(
                     d is not None and d != v for d, v in zip(spec.shape, value.shape)):
                 raise FeedError(f"feed {name!r} has shape {tuple(value.shape)}, input {name!r} "
-                                f"expects {spec.shape} (None = any batch size)")
+                                f"expects {spec.shape} (None = any batch size): reshape the data, "
+                                f"or declare the input with the data's shape")
             for d, v in zip(spec.shape, value.shape):
                 if d is None:
                     if batch is not None and v != batch:
                         raise FeedError(f"feeds disagree on the batch size: {name!r} has {v}, "
-                                        f"an earlier feed has {batch}")
+                                        f"an earlier feed has {batch}; give every input one row "
+                                        f"per example")
                     batch = v
             if self.backend.is_array(value):
                 if value.dtype != spec.dtype:
@@ -242,10 +317,13 @@ class Model:
             else:
                 value = self.backend.asarray(value, dtype=spec.dtype)
             values[plan.slots[name]] = value
+        if all(values[plan.slots[name]] is feeds[name] for name in plan.feeds):
+            plan.feed_signature, plan.feed_batch = signature, batch
         return batch
 
     def _prepare(self, plan: Plan, feeds: Feeds) -> list[Any]:
-        values: list[Any] = [None] * len(plan.slots)
+        # One spare slot at the end stays None: plan slot -1 ("not kept") reads it.
+        values: list[Any] = [None] * (len(plan.slots) + 1)
         self._load_feeds(plan, feeds, values)
         for name in plan.parameters:
             values[plan.slots[name]] = self._params[name]
@@ -256,51 +334,121 @@ class Model:
     # -- running ---------------------------------------------------------------------------------
 
     def _run_forward(self, plan: Plan, values: list[Any], observers: Sequence[Any] = ()) -> None:
+        """Run ``plan`` forward: its fused variant unless an observer needs one step per node."""
         xp = self.xp
-        if not observers:
+        plan = _executed(plan, not observers)
+        step = None
+        try:
+            if not observers:
+                get = values.__getitem__
+                # ``step`` names the node in the error report below
+                for step, (forward, out, args, release) in zip(plan.steps, plan.programs()[0]):  # noqa: B007
+                    values[out] = forward(xp, *map(get, args))
+                    for slot in release:
+                        values[slot] = None
+                return
             for step in plan.steps:
-                values[step.out] = step.op.forward(xp, *[values[a] for a in step.args])
+                args = [values[a] for a in step.args]
+                value = step.op.forward(xp, *args)
+                for observer in observers:
+                    observer.on_forward(self, step, args, value)
+                values[step.out] = value
                 for slot in step.release:
                     values[slot] = None
-            return
-        for step in plan.steps:
-            args = [values[a] for a in step.args]
-            value = step.op.forward(xp, *args)
-            for observer in observers:
-                observer.on_forward(self, step, args, value)
-            values[step.out] = value
-            for slot in step.release:
-                values[slot] = None
+        except Exception as exc:
+            if step is None:
+                raise
+            shapes = ", ".join(f"{tuple(v.shape)} {v.dtype}" if hasattr(v, "shape") else repr(v)
+                               for v in (values[a] for a in step.args))
+            error = self._step_error(exc, step, "forward", f"inputs {shapes}")
+            if error is None:
+                raise
+            raise error from exc
 
     def _run_backward(self, plan: Plan, values: list[Any], observers: Sequence[Any] = ()) -> list[Any]:
         xp = self.xp
         grads: list[Any] = [None] * len(values)
         loss_slot = plan.slots[plan.loss]
         grads[loss_slot] = xp.ones((), dtype=plan.specs[loss_slot].dtype)
-        for bstep in plan.backward:
-            step = bstep.step
-            grad = grads[step.out]
-            if grad is None:
-                continue
-            kept = tuple(values[s] if s >= 0 else None for s in bstep.kept_args)
-            output = values[bstep.kept_out] if bstep.kept_out >= 0 else None
-            input_grads = step.op.backward(xp, kept, output, grad)
-            for observer in observers:
-                observer.on_backward(self, step, grad, input_grads)
-            for slot, g in zip(bstep.grad_to, input_grads):
-                if slot < 0 or g is None:
+        # Sums this loop made itself: only those may be added to in place, since an operator's
+        # gradient may alias another one (add passes the same array to both inputs).
+        owned: set[int] = set()
+        step = None
+        get = values.__getitem__
+        try:
+            for bstep, (backward, out, kept_args, kept_out, grad_to, release) in zip(
+                    plan.backward, plan.programs()[1]):
+                grad = grads[out]
+                if grad is None:
                     continue
-                previous = grads[slot]
-                # A fan-out accumulates; never in place, since g may alias another gradient.
-                grads[slot] = g if previous is None else previous + g
-            if step.out != loss_slot:
-                grads[step.out] = None
-            for slot in bstep.release:
-                values[slot] = None
+                step = bstep.step
+                # slot -1 reads the spare None at the end of ``values`` (see _prepare)
+                input_grads = backward(xp, tuple(map(get, kept_args)), values[kept_out], grad)
+                for observer in observers:
+                    observer.on_backward(self, step, grad, input_grads)
+                for slot, g in zip(grad_to, input_grads, strict=True):
+                    if slot < 0 or g is None:
+                        continue
+                    previous = grads[slot]
+                    if previous is None:
+                        grads[slot] = g
+                    elif slot in owned:
+                        previous += g
+                    else:
+                        grads[slot] = previous + g
+                        owned.add(slot)
+                if out != loss_slot:
+                    grads[out] = None
+                for slot in release:
+                    values[slot] = None
+        except Exception as exc:
+            if step is None:
+                raise
+            shapes = ", ".join(str(plan.specs[a]) for a in step.args)
+            error = self._step_error(exc, step, "backward", f"inputs {shapes}")
+            if error is None:
+                raise
+            raise error from exc
         return grads
 
-    def _observers(self) -> list[Any]:
-        return [o for o in self.observers if o.wants(self)]
+    def _step_error(self, exc: Exception, step: Step, phase: str, shapes: str) -> Exception | None:
+        """What to raise for ``exc`` from ``step``: the error with its node named, or None to let
+        it pass as it is (it names its node already, or is out of memory)."""
+        if isinstance(exc, MemoryError) or getattr(exc, "node", None) is not None:
+            return None
+        where = f"{describe_node(self.graph, step.name)} in the {phase} pass ({shapes})"
+        if isinstance(exc, GraphEngineError):
+            try:
+                error = type(exc)(f"{where}: {exc}")
+            except Exception:  # a subclass with another constructor: keep it as it is
+                return None
+        else:
+            error = OperatorError(
+                f"{where} failed: {type(exc).__name__}: {exc}. Either sizes known only at run time "
+                f"(the batch) do not fit together, or {implementation(step.op)} has a bug: set "
+                f"model.debug = True to check every operator's outputs and gradients")
+        error.node = step.name
+        return error
+
+    #: Debug mode of this model alone (see the ``debug`` property).
+    _debug = False
+
+    @property
+    def debug(self) -> bool:
+        """Debug mode: every forward value, gradient and updated parameter is checked for NaN/Inf
+        and for the shapes the operators promise, naming the node that broke them (see
+        :mod:`graphengine.debug`). On for this model, or for all inside ``with ge.debug():``."""
+        return self._debug or debug_active()
+
+    @debug.setter
+    def debug(self, enabled: bool) -> None:
+        self._debug = bool(enabled)
+
+    def _observers(self, inference: bool = False) -> list[Any]:
+        """Observers for this step; in inference only debug mode's checks (the others watch
+        training)."""
+        observers = [] if inference else [o for o in self.observers if o.wants(self)]
+        return [debug_observer(self), *observers] if self.debug else observers
 
     def forward(self, feeds: Feeds, training: bool | None = None) -> Any:
         """Run the training plan forward; returns the loss as a float (or, for a model without
@@ -310,7 +458,11 @@ class Model:
         self._set_mode(self.training if training is None else training)
         plan = self.train_plan
         values = self._prepare(plan, feeds)
-        self._run_forward(plan, values, self._observers())
+        observers = self._observers()
+        # Unobserved steps run the fused plan; backward then runs it too, since a fused step's
+        # backward needs what its own forward did.
+        self._fused = not observers
+        self._run_forward(plan, values, observers)
         self._plan, self._values, self._grads = plan, values, []
         return float(self.backend.to_numpy(values[plan.slots[self.loss_name]]))
 
@@ -325,7 +477,9 @@ class Model:
                     raise GraphEngineError(f"wrt names inputs of the graph; {name!r} is not one "
                                            f"(inputs: {self.graph.inputs()})")
             self._plan = self._get_plan("train", wrt=wrt)
-        self._grads = self._run_backward(self._plan, self._values, self._observers())
+        # Observers that arrive after a fused forward cannot be shown nodes now.
+        observers = [] if self._fused else self._observers()
+        self._grads = self._run_backward(_executed(self._plan, self._fused), self._values, observers)
 
     def step(self) -> None:
         """Update every trainable parameter from its gradient with the optimizer."""
@@ -335,12 +489,22 @@ class Model:
         grads = self.gradients()
         for transform in self.gradient_transforms:
             transform(self, grads)
+        for name, grad in grads.items():  # all checked before any parameter changes
+            shape = tuple(self._params[name].shape)
+            if tuple(grad.shape) != shape:
+                raise ShapeError(f"the gradient of parameter {name!r} has shape {tuple(grad.shape)}, "
+                                 f"the parameter {shape}: an operator's backward or a gradient "
+                                 f"transform returned a wrong shape; set model.debug = True to "
+                                 f"find the operator")
         self.step_count += 1
         xp = self.xp
         observers = self._observers()
-        for name in self.trainable_parameters():
+        names = self.trainable_parameters()
+        # Unobserved, elementwise optimizers update whole flat groups at once.
+        done = self._flat.update(self, names, grads, observed=bool(observers))
+        for name in names:
             grad = grads.get(name)
-            if grad is None:
+            if grad is None or name in done:
                 continue
             param = self._params[name]
             state = self.optimizer_state.get(name)
@@ -368,7 +532,7 @@ class Model:
         self._set_mode(training)
         plan = self._get_plan("infer", names)
         values = self._prepare(plan, feeds)
-        self._run_forward(plan, values)
+        self._run_forward(plan, values, self._observers(inference=True))
         return {n: self.backend.to_numpy(values[plan.slots[n]]) for n in names}
 
     def predict(self, feeds: Feeds, batch_size: int | None = None) -> Any:
@@ -377,14 +541,17 @@ class Model:
         from .training import batches, dataset_length
         was_training = self.training
         plan = self._get_plan("infer", tuple(self.output_names))
-        feeds = {k: v for k, v in feeds.items() if k in plan.feeds} if isinstance(feeds, Mapping) else feeds
+        if isinstance(feeds, Mapping):  # targets are not needed to predict: drop them
+            inputs = set(self.graph.inputs())
+            feeds = {k: v for k, v in feeds.items() if k in plan.feeds or k not in inputs}
+        self._check_feed_names(plan, feeds)
         try:
             self._set_mode(False)
             n = dataset_length(feeds)
             chunks: dict[str, list[np.ndarray]] = {name: [] for name in self.output_names}
             for batch in batches(feeds, n, batch_size or n, order=None):
                 values = self._prepare(plan, batch)
-                self._run_forward(plan, values)
+                self._run_forward(plan, values, self._observers(inference=True))
                 for name in self.output_names:
                     value = values[plan.slots[name]]
                     if self._link is not None:
@@ -396,10 +563,34 @@ class Model:
                for name, parts in chunks.items()}
         return out[self.output_names[0]] if len(out) == 1 else out
 
+    def profile(self, feeds: Feeds, **options: Any) -> Profile:
+        """Per-node forward/backward time and memory of a training step, as a table
+        (``print(model.profile(feeds))``); see :func:`graphengine.profile.profile`."""
+        from .profile import profile
+        return profile(self, feeds, **options)
+
     def fit(self, data: Feeds, **kwargs: Any) -> History:
         """Train; see :func:`graphengine.training.fit` for the options."""
         from .training import fit
         return fit(self, data, **kwargs)
+
+    def fit_preprocessing(self, data: Feeds, refit: bool = False) -> list[str]:
+        """Fit data-fitted layers (preprocessing) on ``data``; see
+        :func:`graphengine.training.fit_preprocessing`."""
+        from .training import fit_preprocessing
+        return fit_preprocessing(self, data, refit=refit)
+
+    def save(self, path: str | os.PathLike, *, training_state: bool = True) -> None:
+        """Write graph, weights (and optimizer state, epoch, RNG states) to ``path``; see
+        :func:`graphengine.serialize.save`."""
+        from .serialize import save
+        save(self, path, training_state=training_state)
+
+    def load_weights(self, path: str | os.PathLike, *, strict: bool = True,
+                     training_state: bool = False) -> LoadReport:
+        """Load parameters from a model file by name; see :func:`graphengine.serialize.load_weights`."""
+        from .serialize import load_weights
+        return load_weights(self, path, strict=strict, training_state=training_state)
 
     def evaluate(self, data: Feeds, batch_size: int | None = None) -> dict[str, float]:
         """Mean loss (and accuracy where the loss defines it) over ``data`` in evaluation mode."""
@@ -410,6 +601,11 @@ class Model:
         count = sum(int(np.prod(p.shape)) for p in self._params.values())
         return (f"<Model {self.graph.name!r} on {self.backend.name}: {len(self.graph.nodes)} nodes, "
                 f"{count} parameters, optimizer {self.optimizer!r}>")
+
+
+def _executed(plan: Plan, fused: bool) -> Plan:
+    """The variant of ``plan`` that runs: the fused one unless observers watch the step."""
+    return plan.fast if fused and plan.fast is not None else plan
 
 
 def _node_name(graph: Graph, t: Any, what: str) -> str:

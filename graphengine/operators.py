@@ -11,6 +11,7 @@ and a mismatch raises :class:`ShapeError` before anything runs.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -124,7 +125,8 @@ def broadcast_shapes(a: Shape, b: Shape) -> Shape:
         elif da is None or db is None:
             out.append(None)
         else:
-            raise ShapeError(f"shapes {a} and {b} do not broadcast (dimension {-i}: {da} vs {db})")
+            raise ShapeError(f"shapes {a} and {b} do not broadcast (dimension {-i}: {da} vs {db}); "
+                             f"make that dimension equal, or 1 on one side")
     return tuple(reversed(out))
 
 
@@ -422,26 +424,34 @@ class Reshape(Operator):
     kind = "reshape"
 
     def __init__(self, shape: tuple[int | None, ...]) -> None:
-        self.shape = tuple(shape)
+        self.shape = tuple(None if d is None else operator.index(d) for d in shape)
 
     def config(self):
         return {"shape": self.shape}
 
     def infer(self, x):
+        if None in self.shape and x.ndim == 0:
+            raise ShapeError(f"reshape target {self.shape} keeps axis 0 (None), but the input is "
+                             f"a scalar")
         known = [d for d in x.shape if d is not None]
         total = 1
         for d in known:
             total *= d
-        target = list(self.shape)
+        target = [x.shape[0] if d is None else d for d in self.shape]
         fixed = 1
         for d in target:
             if d not in (None, -1):
                 fixed *= d
-        if target.count(-1) > 1:
-            raise ShapeError(f"reshape target {self.shape} has more than one -1")
+        if target.count(-1) > 1 or self.shape.count(None) > 1 or any(
+                d is not None and d != -1 and d < 1 for d in target):
+            raise ShapeError(f"reshape target {self.shape} must hold sizes, at most one -1 and at "
+                             f"most one None (axis 0 kept as it is)")
         batch_in = None in x.shape
         batch_out = None in target
-        if -1 in target:
+        if None in x.shape[1:]:  # sizes besides the batch are unknown until run time
+            if -1 in target:
+                target[target.index(-1)] = None
+        elif -1 in target:
             if batch_in and not batch_out:
                 target[target.index(-1)] = None
             elif total % fixed:
@@ -451,6 +461,9 @@ class Reshape(Operator):
         elif batch_in == batch_out and fixed != total:
             raise ShapeError(f"cannot reshape {x.shape} ({total} elements per batch item) "
                              f"to {self.shape} ({fixed})")
+        elif batch_in and not batch_out and (fixed % total if total else fixed):
+            raise ShapeError(f"cannot reshape {x.shape} to {self.shape}: {fixed} elements are not "
+                             f"a whole number of batch items of {total}")
         return TensorSpec(tuple(target), x.dtype)
 
     def forward(self, xp, x):

@@ -100,6 +100,8 @@ class HookSpecs:
 
 
 KINDS = ("backends", "layers", "activations", "losses", "optimizers", "initializers")
+#: "a loss", "a layer": how messages name one thing of a kind.
+SINGULAR = {kind: kind[:-1] for kind in KINDS} | {"losses": "loss"}
 
 
 @dataclass
@@ -124,13 +126,15 @@ class Registry:
         self._entries: dict[str, Entry] = {}
 
     def add(self, entry: Entry, override: bool) -> None:
-        for key in (entry.name, *entry.aliases):
+        keys = (entry.name, *entry.aliases)
+        for key in keys:  # all checked before any is added: a conflict registers nothing
             existing = self._entries.get(key)
             if existing is not None and existing.plugin != entry.plugin and not override:
                 raise PluginConflictError(
-                    f"{self.kind[:-1]} {key!r} is registered twice: by {existing.origin()} and by "
+                    f"{SINGULAR[self.kind]} {key!r} is registered twice: by {existing.origin()} and by "
                     f"{entry.origin()}; rename one, disable one with "
                     f"GRAPHENGINE_DISABLE_PLUGINS, or pass override=True to register()")
+        for key in keys:
             self._entries[key] = entry
 
     def get(self, name: str) -> Any:
@@ -142,9 +146,13 @@ class Registry:
             return self._entries[name]
         except KeyError:
             known = sorted(self._entries)
+            failed = sorted(r.name for r in self._manager.records.values() if r.error)
+            hint = (f"plugin(s) {', '.join(failed)} failed to load and may provide it"
+                    if failed else "a plugin package can provide it")
             raise UnknownNameError(
-                f"unknown {self.kind[:-1]} {name!r}.{did_you_mean(name, known)} "
-                f"Registered: {', '.join(known) or 'none'}") from None
+                f"unknown {SINGULAR[self.kind]} {name!r}.{did_you_mean(name, known)} "
+                f"Registered: {', '.join(known) or 'none'}; {hint} (`graphengine plugins` lists "
+                f"what each plugin registered, and load errors)") from None
 
     def names(self) -> list[str]:
         self._manager.load()
@@ -265,8 +273,11 @@ class PluginManager:
         def register(name: str, obj: Any, *, aliases: tuple[str, ...] = (),
                      override: bool = False) -> None:
             if not isinstance(name, str) or not name:
-                raise PluginError(f"plugin {record.name!r} registered a {kind[:-1]} with an "
+                raise PluginError(f"plugin {record.name!r} registered a {SINGULAR[kind]} with an "
                                   f"invalid name {name!r}")
+            if not callable(obj):
+                raise PluginError(f"plugin {record.name!r} registered {SINGULAR[kind]} {name!r} as "
+                                  f"{obj!r}, which is not callable: register the class")
             entry = Entry(name, obj, record.name, record.distribution, tuple(aliases))
             registry.add(entry, override)
             record.registered.setdefault(kind, []).append(name)

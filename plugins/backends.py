@@ -230,6 +230,11 @@ class _StrictGenerator:
     def __init__(self, seed):
         self._rng = np.random.default_rng(seed)
 
+    @property
+    def bit_generator(self):
+        """The state behind the numbers, as NumPy's (checkpoints save and restore it)."""
+        return self._rng.bit_generator
+
     def random(self, shape, dtype=np.float64):
         return StrictArray(self._rng.random(shape, dtype=dtype))
 

@@ -1,0 +1,119 @@
+"""Compile-time fusion: ``matmul -> add bias -> activation`` chains become one step.
+
+The graph keeps its meaningful nodes (``fc1/matmul``, ``fc1/add``, ``relu``): diagrams, gradient
+statistics and observers see them. Only the *execution* plan runs a chain as one
+:class:`FusedDense` step, which adds the bias in the matrix product's own output buffer and
+applies the activation. Its backward runs as two steps (:func:`backward_parts`): the
+activation's, then the dense part's, so that the output and its gradient are released before
+the input gradient is allocated; the dense part computes only the input gradients the plan
+needs (the first layer's ``dL/dx`` is skipped when nothing asks for it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from .base import ActivationOp
+from .operators import Add, MatMul, Operator
+
+
+class FusedDense(Operator):
+    """``activation(x @ W + b)`` for a 2-D ``x``, a matrix ``W`` and a vector ``b``.
+
+    The activation must not need its input in backward (ReLU, sigmoid, tanh keep only their
+    output): the pre-activation lives only inside ``forward``.
+    """
+
+    kind = "fused_dense"
+    retain_inputs = (0, 1)
+
+    def __init__(self, nodes: tuple[str, ...], activation: ActivationOp | None) -> None:
+        self.nodes = nodes
+        self.activation_op = activation
+        self.activation = activation.activation if activation is not None else None
+        self.retain_output = activation is not None and activation.retain_output
+        #: Which input gradients backward computes (x, W, b); set once the backward is planned.
+        self.wanted = (True, True, True)
+        #: Arrays that backward writes the gradients of W and b into (the model's flat gradient
+        #: buffer), or None to allocate them.
+        self.grad_out: tuple[Any, Any] = (None, None)
+
+    def config(self) -> dict[str, Any]:
+        return {"nodes": list(self.nodes)}
+
+    def forward(self, xp, x, w, b):
+        z = x @ w
+        z += b
+        return z if self.activation is None else self.activation.forward(xp, z)
+
+    def backward(self, xp, inputs, output, grad):
+        x, w = inputs[0], inputs[1]
+        dz = grad if self.activation is None else self.activation.backward(xp, None, output, grad)
+        want_x, want_w, want_b = self.wanted
+        out_w, out_b = self.grad_out
+        grad_w = grad_b = None
+        if want_w:
+            grad_w = x.T @ dz if out_w is None else xp.matmul(x.T, dz, out=out_w)
+        if want_b:
+            grad_b = dz.sum(axis=0) if out_b is None else dz.sum(axis=0, out=out_b)
+        return dz @ w.T if want_x else None, grad_w, grad_b
+
+
+def backward_parts(step: Any, slots: dict[str, int]) -> list[Any]:
+    """The steps whose backward makes up ``step``'s: a fused dense step with an activation
+    splits into the activation (gradient into the pre-activation's slot) and the dense part."""
+    op = step.op
+    if not isinstance(op, FusedDense) or op.activation_op is None:
+        return [step]
+    pre_activation = slots[op.nodes[1]]
+    return [replace(step, name=op.nodes[2], op=op.activation_op, args=(pre_activation,)),
+            replace(step, name=op.nodes[1], op=FusedDense(op.nodes[:2], None), out=pre_activation)]
+
+
+def fusible_activation(op: Operator) -> bool:
+    return isinstance(op, ActivationOp) and not op.retain_inputs
+
+
+def fuse_dense(graph, steps: list, keep: set[str], make_step) -> list:
+    """``steps`` with every fusible chain replaced by one step, made by ``make_step(last node,
+    op, input nodes)``; nodes in ``keep`` (targets) are never hidden inside a chain."""
+    nodes = graph.nodes
+    producer = {step.name: i for i, step in enumerate(steps)}
+    readers: dict[str, list[Any]] = {}
+    for step in steps:
+        for name in nodes[step.name].inputs:
+            readers.setdefault(name, []).append(step)
+
+    def sole_reader(name: str) -> Any:
+        """The step that alone reads ``name``'s value, if ``name`` may vanish into a chain."""
+        found = readers.get(name, ())
+        return found[0] if len(found) == 1 and name not in keep else None
+
+    fused: dict[int, Any] = {}
+    swallowed: set[int] = set()
+    for i, step in enumerate(steps):
+        if not isinstance(step.op, MatMul) or i in swallowed:
+            continue
+        x, w = nodes[step.name].inputs
+        z = nodes[step.name].spec
+        if nodes[x].spec.ndim != 2 or nodes[w].spec.ndim != 2:
+            continue
+        add = sole_reader(step.name)
+        if add is None or not isinstance(add.op, Add):
+            continue
+        a, c = nodes[add.name].inputs
+        bias = c if a == step.name else a
+        if a == c or nodes[bias].spec.shape != z.shape[-1:] or nodes[bias].spec.dtype != z.dtype:
+            continue
+        last, activation = add, None
+        after = sole_reader(add.name)
+        if after is not None and fusible_activation(after.op):
+            last, activation = after, after.op
+        chain = tuple(s.name for s in (step, add) + ((last,) if activation else ()))
+        op = FusedDense(chain, activation)
+        position = producer[last.name]
+        fused[position] = make_step(last.name, op, (x, w, bias))
+        swallowed |= {producer[n] for n in chain}
+    return [fused.get(i, step) for i, step in enumerate(steps)
+            if i in fused or i not in swallowed]

@@ -1,0 +1,198 @@
+"""The execution optimizations change no number: fused dense steps, flat parameter updates and
+the profile mode, on every backend. (Speed is measured by benchmarks/run.py, never asserted.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import graphengine as ge
+from graphengine.fusion import FusedDense
+from graphengine.testing import check_backward
+
+
+class Watcher:
+    """An observer that watches every step: the model then runs one step per graph node and
+    updates parameters one by one, the reference the fast paths must match."""
+
+    def wants(self, model):
+        return True
+
+    def on_forward(self, model, step, args, value):
+        pass
+
+    def on_backward(self, model, step, grad, input_grads):
+        pass
+
+    def on_update(self, model, name, before, after):
+        pass
+
+
+def mlp(activation="sigmoid", optimizer=("adam", {"lr": 0.01}), backend="numpy", depth=3,
+        dtype="float32"):
+    g = ge.Graph("mlp")
+    x = g.input("x", (None, 6), dtype=dtype)
+    y = g.input("y", (None,), dtype="int64")
+    h = x
+    for i in range(depth):
+        h = g.activation(activation, g.layer("dense", h, units=5, name=f"fc{i}"))
+    logits = g.layer("dense", h, units=3, name="out")
+    loss = g.loss("softmax_cross_entropy", logits, y)
+    name, hyper = optimizer
+    return g.compile(loss, optimizer=ge.optimizer(name, **hyper), backend=backend, seed=3)
+
+
+def feeds(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((n, 6)).astype(np.float32), "y": rng.integers(0, 3, n)}
+
+
+def host(model, arrays):
+    return {k: model.backend.to_numpy(v).copy() for k, v in arrays.items()}
+
+
+def test_dense_chains_fuse_and_the_graph_keeps_its_nodes():
+    model = mlp()
+    plan = model.train_plan
+    fused = [s for s in plan.fast.steps if isinstance(s.op, FusedDense)]
+    assert [s.op.nodes for s in fused][0] == ("fc0/matmul", "fc0/add", "sigmoid_0")
+    assert len(fused) == 4 and len(plan.fast.steps) == 5 and len(plan.steps) == 12
+    assert "fc0/matmul" in model.graph.nodes and any(s.name == "fc0/matmul" for s in plan.steps)
+    # backward: the activation's step, then the dense part's, which skips the first layer's
+    # gradient with respect to the input (nobody needs it)
+    parts = [b.step for b in plan.fast.backward]
+    assert [p.name for p in parts[-2:]] == ["sigmoid_0", "fc0/add"]
+    assert parts[-1].op.wanted == (False, True, True)
+    assert parts[-3].op.wanted == (True, True, True)
+
+
+def test_a_fetched_intermediate_is_not_fused_away():
+    model = mlp()
+    out = model.run(feeds(), fetches=["fc0/add", "out/add"])
+    reference = mlp()
+    reference.observers.append(Watcher())
+    expected = reference.run(feeds(), fetches=["fc0/add", "out/add"])
+    for name in out:
+        np.testing.assert_allclose(out[name], expected[name], rtol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "relu", "tanh", "leaky_relu"])
+@pytest.mark.parametrize("optimizer", [("adam", {"lr": 0.01}), ("momentum", {"lr": 0.1}),
+                                       ("rmsprop", {"lr": 0.01}), ("sgd", {"lr": 0.1})])
+def test_fast_training_matches_the_node_by_node_reference(backend, activation, optimizer):
+    fast, slow = mlp(activation, optimizer, backend), mlp(activation, optimizer, backend)
+    slow.observers.append(Watcher())
+    data = feeds()
+    for _ in range(4):
+        assert fast.train_step(data) == pytest.approx(slow.train_step(data), rel=1e-6)
+    got, want = host(fast, fast.parameters()), host(slow, slow.parameters())
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7)
+    for name, state in slow.optimizer_state.items():
+        for key, value in state.items():
+            other = fast.optimizer_state[name][key]
+            if hasattr(value, "shape"):
+                np.testing.assert_allclose(fast.backend.to_numpy(other), slow.backend.to_numpy(value),
+                                           rtol=1e-5, atol=1e-8)
+            else:
+                assert other == value
+
+
+def test_observed_and_fast_steps_interleave_without_losing_optimizer_state():
+    mixed, reference = mlp(), mlp()
+    reference.observers.append(Watcher())
+    watcher, data = Watcher(), feeds()
+    for i in range(6):
+        if i % 3 == 1:
+            mixed.observers.append(watcher)
+        mixed.train_step(data)
+        reference.train_step(data)
+        if watcher in mixed.observers:
+            mixed.observers.remove(watcher)
+    got, want = host(mixed, mixed.parameters()), host(reference, reference.parameters())
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7)
+
+
+def test_parameters_are_views_updated_in_place_and_state_is_per_parameter():
+    model = mlp()
+    weight = model.parameters()["fc0/W"]
+    before = weight.copy()
+    model.train_step(feeds())
+    assert not np.array_equal(weight, before)  # the caller's array is the model's
+    state = model.optimizer_state["fc0/W"]
+    assert state["m"].shape == weight.shape and state["t"] == 1
+    arrays = [*model.parameters().values(), *model.gradients().values(), state["m"], state["v"]]
+    assert {a.dtype for a in arrays} == {np.dtype("float32")}  # no accidental upcast
+
+
+def test_replacing_optimizer_state_is_picked_up():
+    model, reference = mlp(), mlp()
+    reference.observers.append(Watcher())
+    data = feeds()
+    model.train_step(data)
+    reference.train_step(data)
+    # as a checkpoint load does: fresh per-parameter arrays
+    model.optimizer_state = {name: {k: (v.copy() if hasattr(v, "copy") else v) for k, v in s.items()}
+                             for name, s in reference.optimizer_state.items()}
+    for _ in range(2):
+        model.train_step(data)
+        reference.train_step(data)
+    for name, value in host(reference, reference.parameters()).items():
+        np.testing.assert_allclose(model.parameters()[name], value, rtol=1e-5, atol=1e-7)
+
+
+def test_frozen_layers_and_input_gradients_still_work():
+    model, reference = mlp(), mlp()
+    reference.observers.append(Watcher())
+    for m in (model, reference):
+        m.freeze("fc1")
+    data = feeds()
+    frozen = model.parameters()["fc1/W"].copy()
+    for _ in range(2):
+        model.train_step(data)
+        reference.train_step(data)
+    np.testing.assert_array_equal(model.parameters()["fc1/W"], frozen)
+    np.testing.assert_allclose(model.parameters()["fc0/W"], reference.parameters()["fc0/W"], rtol=1e-5)
+    for m in (model, reference):
+        m.forward(data)
+        m.backward(wrt=["x"])
+    np.testing.assert_allclose(model.input_gradient("x"), reference.input_gradient("x"), rtol=1e-5)
+
+
+def test_fused_dense_backward_passes_the_gradient_check(backend):
+    g = ge.Graph()
+    x = g.input("x", (None, 3), dtype="float64")
+    relu = g.activation("tanh", x)
+    activation = g.nodes[relu.name].op
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal((4, 3)), rng.standard_normal((3, 2)), rng.standard_normal(2)]
+    check_backward(lambda: FusedDense(("m", "a", "t"), activation), inputs, backend=backend)
+    check_backward(lambda: FusedDense(("m", "a"), None), inputs, backend=backend)
+
+
+def test_profile_reports_every_step_with_time_and_memory():
+    model = mlp(depth=2)
+    report = model.profile(feeds(32), steps=3, update=True)
+    names = [row.name for row in report.rows]
+    assert names[0] == "fc0/matmul+add+sigmoid_0" and "softmax_cross_entropy" in names[-1]
+    assert all(row.forward_ms > 0 for row in report.rows)
+    assert all(row.backward_ms > 0 for row in report.rows)
+    first = report.rows[0]
+    assert first.shape == (32, 5) and first.output_bytes == 32 * 5 * 4
+    assert first.forward_bytes >= first.output_bytes  # what the step allocated, at its peak
+    assert report.update_ms > 0 and report.engine_ms > 0
+    assert report.total_ms > sum(r.total_ms for r in report.rows)
+    table = str(report)
+    assert "fc0/matmul+add+sigmoid_0" in table and "optimizer update" in table
+    per_node = ge.profile(model, feeds(32), steps=2, fused=False, memory=False)
+    assert "fc0/matmul" in [row.name for row in per_node.rows]
+    assert per_node.update_ms == 0.0
+
+
+def test_profile_of_a_model_without_loss_is_refused():
+    g = ge.Graph()
+    x = g.input("x", (None, 2))
+    model = g.compile(outputs=[g.layer("dense", x, units=2)])
+    with pytest.raises(ge.GraphEngineError, match="loss"):
+        model.profile({"x": np.ones((1, 2), np.float32)})

@@ -1,0 +1,192 @@
+"""Diagrams: the DOT source is checked without Graphviz; images only where `dot` is installed."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+import graphengine as ge
+from graphengine.monitor import GradientMonitor, find_monitor
+from viz.demo import deep_mlp
+from viz.gradflow import diagnose
+from viz.render import GraphvizMissingError, render, to_dot
+
+needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz 'dot' is not installed")
+ATTR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^\s\]]+)')
+
+
+def batch(n: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"x": rng.random((n, 64), dtype=np.float32), "y": rng.integers(0, 10, n)}
+
+
+def captured(activation: str = "sigmoid", init: str = "xavier", depth: int = 8, width: int = 32):
+    g, loss = deep_mlp(activation, init, depth, width, f"{activation}{depth}")
+    model = g.compile(loss, optimizer="sgd")
+    GradientMonitor().capture(model, batch())
+    return model
+
+
+def node_attrs(source: str, model: ge.Model, name: str) -> dict[str, str]:
+    """The attributes of the DOT node drawing graph node ``name`` (ids are n<position>)."""
+    node_id = f"n{list(model.graph.nodes).index(name)}"
+    (line,) = [ln for ln in source.splitlines() if ln.strip().startswith(f"{node_id} [")]
+    return {k: v.strip('"') for k, v in ATTR.findall(line.split("[", 1)[1])}
+
+
+def edge_attrs(source: str, model: ge.Model, tail: str, head: str) -> dict[str, str]:
+    ids = [f"n{list(model.graph.nodes).index(n)}" for n in (tail, head)]
+    (line,) = [ln for ln in source.splitlines() if ln.strip().startswith(f"{ids[0]} -> {ids[1]} ")]
+    return {k: v.strip('"') for k, v in ATTR.findall(line.split("[", 1)[1])}
+
+
+def test_dot_marks_vanishing_nodes_twice_with_colour_and_tooltips():
+    model = captured()
+    diagnosis = diagnose(model)
+    source = to_dot(model).source
+    weak, strong = node_attrs(source, model, "fc1/W"), node_attrs(source, model, "out/W")
+    # the flag: a dashed border and a text badge on the weak node, neither on the strong one
+    assert "dashed" in weak["style"] and "[VANISHING 10^" in weak["label"]
+    assert "dashed" not in strong["style"] and "VANISHING" not in strong["label"]
+    # labels: name, shape, parameter count, gradient RMS
+    assert weak["label"].startswith("W\\n(64, 32) · 2,048 params\\ngrad rms ")
+    # fill on viridis: the weak gradient dark (low end), the strong one light
+    assert weak["fillcolor"] != strong["fillcolor"]
+    assert weak["fontcolor"] == "white" and strong["fontcolor"] == "black"
+    # tooltips carry the exact numbers
+    stats = diagnosis.nodes["fc1/W"].stats
+    assert f"gradient RMS {stats.grad_rms:.3e}" in weak["tooltip"]
+    assert f"max |gradient| {stats.grad_max:.3e}" in weak["tooltip"]
+    assert "flags: vanishing" in weak["tooltip"]
+    # the layer cluster says it too, and the legend explains scale and borders
+    assert re.search(r'subgraph cluster_fc1 \{\n\s+.*label="fc1 · dense · 2,080 params\\n\[VANISHING', source)
+    assert "fill: gradient RMS (log scale)" in source and "[VANISHING] dashed border" in source
+    assert 'rankdir=TB' in source
+
+
+def test_nodes_without_gradient_stay_grey():
+    model = captured(depth=2)
+    source = to_dot(model).source
+    labels = node_attrs(source, model, "y")
+    assert labels["fillcolor"] == "#f2f2f2" and "no gradient recorded" in labels["tooltip"]
+    assert edge_attrs(source, model, "y", "softmax_cross_entropy_0")["color"] == "#9a9a9a"
+
+
+def test_dead_and_saturated_borders_and_badges():
+    relu = captured("relu", "he", depth=2)
+    relu.parameters()["fc2/b"][:] = -1000.0
+    find_monitor(relu).capture(relu, batch())
+    dead = node_attrs(to_dot(relu, window=1).source, relu, "relu_1")
+    assert "dotted" in dead["style"] and "[DEAD 100%]" in dead["label"]
+
+    sigmoid = captured(depth=2)
+    sigmoid.parameters()["fc1/W"][:] *= 50.0
+    find_monitor(sigmoid).capture(sigmoid, batch())
+    saturated = node_attrs(to_dot(sigmoid, window=1).source, sigmoid, "sigmoid_0")
+    assert "diagonals" in saturated["style"] and "[SATURATED" in saturated["label"]
+
+
+def residual_sigmoid(blocks: int = 10, width: int = 32):
+    g = ge.Graph("residual")
+    x = g.input("x", shape=(None, 64))
+    labels = g.input("y", shape=(None,), dtype="int64")
+    h = g.layer("dense", x, units=width, name="fc0")
+    adds = []
+    for i in range(1, blocks + 1):
+        h = h + g.activation("sigmoid", g.layer("dense", h, units=width, name=f"fc{i}"))
+        adds.append(h.name)
+    logits = g.layer("dense", h, units=10, name="out")
+    model = g.compile(g.loss("softmax_cross_entropy", logits, labels), optimizer="sgd")
+    return model, adds
+
+
+def test_residual_gradient_arrives_through_the_skip_connection():
+    model, adds = residual_sigmoid()
+    record = GradientMonitor().capture(model, batch())
+    diagnosis = diagnose(model)
+    # the first block's input fans out: into fc1 (the sigmoid branch) and the skip to the add
+    skip_rms, skip_norm = record.edges[("fc0/add", adds[0])]
+    branch_rms, branch_norm = record.edges[("fc0/add", "fc1/matmul")]
+    assert skip_rms == pytest.approx(record.node(adds[0]).grad_rms, rel=1e-6)  # the identity path
+    assert skip_norm > 2 * branch_norm
+    # so the early layers are not starved as in the plain deep sigmoid network
+    assert diagnosis.flagged_layers("vanishing") == []
+    assert diagnosis.layer("fc0").relative > 1e-2
+    source = to_dot(model).source
+    skip, branch = (edge_attrs(source, model, "fc0/add", adds[0]),
+                    edge_attrs(source, model, "fc0/add", "fc1/matmul"))
+    assert float(skip["penwidth"]) > float(branch["penwidth"])
+    assert f"RMS {skip_rms:.3e}" in skip["tooltip"] and f"RMS {branch_rms:.3e}" in branch["tooltip"]
+
+
+def test_forward_only_draws_the_structure():
+    model = captured(depth=2)
+    source = to_dot(model, forward_only=True).source
+    assert "grad rms" not in source and "legend" not in source
+    assert "structure (no gradient statistics)" in source
+    attrs = node_attrs(source, model, "fc1/matmul")
+    assert attrs["label"] == "matmul\\n(N, 32)" and attrs["fillcolor"] == "#f2f2f2"
+    assert edge_attrs(source, model, "x", "fc1/matmul")["label"] == "(N, 64)"
+
+
+def test_a_threshold_typo_is_an_error_even_without_statistics():
+    g, loss = deep_mlp("relu", "he", 1, 4, "bare")
+    with pytest.raises(ge.GraphEngineError, match="unknown threshold"):
+        to_dot(g.compile(loss, optimizer="sgd"), vanishng=1e-3)
+
+
+def test_collapsed_layers_and_rankdir():
+    model = captured(depth=8)
+    source = to_dot(model, collapse=True, rankdir="LR").source
+    assert "rankdir=LR" in source and "cluster_" not in source
+    layer_nodes = re.findall(r'^\s+(L\d+) \[label="(\w+): dense', source, re.M)
+    assert [name for _, name in layer_nodes] == [f"fc{i}" for i in range(1, 9)] + ["out"]
+    assert re.search(r"^\s+L0 -> n\d+ ", source, re.M)  # fc1 feeds its activation, drawn outside
+    first, last = source.split("\tL0 [", 1)[1].splitlines()[0], source.split("\tL8 [", 1)[1].splitlines()[0]
+    assert "[VANISHING" in first and "dashed" in first and "VANISHING" not in last
+    with pytest.raises(ge.GraphEngineError, match="rankdir"):
+        to_dot(model, rankdir="UP")
+    with pytest.raises(ge.GraphEngineError, match="unknown layer"):
+        to_dot(model, collapse=["fc9"])
+
+
+def test_without_dot_the_source_and_table_are_written(tmp_path, monkeypatch):
+    model = captured(depth=2)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(GraphvizMissingError, match="apt-get install graphviz"):
+        render(model, tmp_path / "graph.svg")
+    assert "digraph" in (tmp_path / "graph.gv").read_text()
+    table = (tmp_path / "graph.txt").read_text()
+    assert "fc1/W" in table and "grad rms" in table
+
+
+def test_unknown_format_is_refused(tmp_path):
+    with pytest.raises(ge.GraphEngineError, match="format 'jpg'"):
+        render(captured(depth=1), tmp_path / "graph.jpg")
+
+
+@needs_dot
+def test_renders_svg_png_pdf(tmp_path):
+    model = captured(depth=2)
+    stats = diagnose(model).nodes["fc1/W"].stats
+    svg = render(model, tmp_path / "g.svg").read_text()
+    assert f"gradient RMS {stats.grad_rms:.3e}" in svg.replace("&#45;", "-")
+    assert (tmp_path / "g.png").exists() is False
+    assert render(model, tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert render(model, tmp_path / "g.pdf", forward_only=True).read_bytes()[:5] == b"%PDF-"
+    assert not (tmp_path / "g.gv").exists()
+    render(model, tmp_path / "kept.svg", keep_source=True)
+    assert (tmp_path / "kept.gv").exists()
+
+
+@needs_dot
+def test_a_large_graph_renders(tmp_path):
+    model, _ = residual_sigmoid(blocks=12)
+    assert len(model.graph.nodes) >= 60
+    GradientMonitor().capture(model, batch())
+    png = render(model, tmp_path / "large.png")
+    width, height = np.frombuffer(png.read_bytes()[16:24], dtype=">u4")
+    assert width > 500 and height > 2000

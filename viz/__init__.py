@@ -1,0 +1,22 @@
+"""The gradient-flow visualizer: diagrams, charts and a diagnosis of a model's gradients.
+
+    from graphengine.monitor import GradientMonitor
+    import viz
+
+    GradientMonitor(every=20).attach(model)   # record while training
+    model.fit(data, epochs=10)
+    print(viz.diagnose(model))                 # flags and advice, no rendering needed
+    viz.render(model, "graph.svg")             # the annotated diagram (.svg, .png, .pdf)
+    viz.gradient_flow_chart({"mine": model}, "flow.png")
+
+The core (``graphengine``) never imports this package.
+"""
+
+from __future__ import annotations
+
+from .charts import gradient_flow_chart
+from .gradflow import Diagnosis, Thresholds, diagnose, diagnose_history
+from .render import GraphvizMissingError, render, stats_table, to_dot
+
+__all__ = ["Diagnosis", "GraphvizMissingError", "Thresholds", "diagnose", "diagnose_history",
+           "gradient_flow_chart", "render", "stats_table", "to_dot"]
