@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,7 @@ from .operators import (
 from .plugins import get_plugin_manager
 
 if TYPE_CHECKING:
+    from .backend import Backend
     from .base import Optimizer
     from .model import Model
 
@@ -238,14 +239,29 @@ class Graph:
 
     # -- adding nodes ----------------------------------------------------------------------
 
+    def _check_inputs(self, where: str, inputs: Sequence[Any]) -> None:
+        """Refuse an input that is not a tensor of this graph before anything is added or
+        recorded: a builder call refers to its inputs by node name, so nothing else can be one."""
+        for position, value in enumerate(inputs, start=1):
+            if isinstance(value, Tensor) and value.graph is self:
+                continue
+            if isinstance(value, Tensor):
+                what = f"tensor {value.name!r}, which belongs to graph {value.graph.name!r}"
+            elif isinstance(value, str):
+                named = f" (the node of that name is g[{value!r}])" if value in self.nodes else ""
+                what = f"a str {value!r}{named}"
+            else:
+                kind = type(value)
+                module = "" if kind.__module__ == "builtins" else f"{kind.__module__}."
+                shape = f" of shape {value.shape}" if hasattr(value, "shape") else ""
+                what = f"a {module}{kind.__qualname__}{shape}"
+            raise GraphBuildError(
+                f"{where}: input {position} of {len(inputs)} is {what}, not a tensor of graph "
+                f"{self.name!r}: pass a tensor this graph built (g.input, g.parameter, a layer's "
+                f"output), or add a fixed array to it with g.constant(array)")
+
     def _add(self, op: Operator, inputs: Sequence[Tensor], name: str) -> Tensor:
-        for t in inputs:
-            if not isinstance(t, Tensor):
-                raise GraphBuildError(f"node {name!r} ({op.kind}): inputs must be tensors of this "
-                                      f"graph, got {type(t).__name__}")
-            if t.graph is not self:
-                raise GraphBuildError(f"node {name!r} ({op.kind}): input {t.name!r} belongs to "
-                                      f"graph {t.graph.name!r}, not {self.name!r}")
+        self._check_inputs(f"node {name!r} ({op.kind})", inputs)
         if any(node.op is op for node in self.nodes.values()):
             raise GraphBuildError(f"node {name!r}: operator {op!r} already belongs to another "
                                   f"node; create one operator instance per node")
@@ -294,7 +310,10 @@ class Graph:
         if None in shape:
             raise ShapeError(f"parameter {name!r}: shape {shape} must be fully known")
         dtype = _check_dtype(dtype, f"parameter {name!r}")
-        get_plugin_manager().initializers.get(init if isinstance(init, str) else init["name"])
+        initializer, config = split_init(init, f"parameter {name!r}")
+        # Built once here so that a bad config fails at this line, not at compile time.
+        _construct(get_plugin_manager().initializers.entry(initializer), "initializer",
+                   initializer, config)
         call = {"call": "parameter", "name": name, "shape": list(shape), "init": init,
                 "trainable": trainable, "decay": decay, "dtype": dtype}
         with self._recording(call):
@@ -333,6 +352,7 @@ class Graph:
                                    f"{did_you_mean(kind, PRIMITIVES)} Primitives: "
                                    f"{', '.join(sorted(PRIMITIVES))}; layers and activations are "
                                    f"built with g.layer(...) and g.activation(...)")
+        self._check_inputs(f"operator {kind!r}", inputs)
         call = {"call": "op", "kind": kind, "inputs": [t.name for t in inputs], "name": name,
                 "config": config}
         try:
@@ -345,6 +365,7 @@ class Graph:
     def layer(self, kind: str, *inputs: Tensor, name: str | None = None, **config: Any) -> Tensor:
         """Build a registered layer: ``g.layer("dense", x, units=128, name="fc1")``."""
         entry = get_plugin_manager().layers.entry(kind)
+        self._check_inputs(f"layer {kind!r}", inputs)
         layer = _construct(entry, "layer", kind, config)
         scope = self._layer_scope(name, kind)
         call = {"call": "layer", "kind": kind, "inputs": [t.name for t in inputs], "name": scope,
@@ -355,8 +376,7 @@ class Graph:
             except GraphEngineError:
                 raise
             except Exception as exc:  # a plugin's bug, or inputs its build() cannot take
-                shapes = ", ".join(f"{t.name} {t.node.spec}" if isinstance(t, Tensor) else repr(t)
-                                   for t in inputs)
+                shapes = ", ".join(f"{t.name} {t.node.spec}" for t in inputs)
                 raise GraphBuildError(f"layer {kind!r} from {entry.origin()} failed in build() on "
                                       f"inputs [{shapes}]: {type(exc).__name__}: {exc}; check the "
                                       f"inputs and arguments, else report it to the plugin's "
@@ -388,6 +408,7 @@ class Graph:
     def activation(self, kind: str, x: Tensor, name: str | None = None, **config: Any) -> Tensor:
         """Apply a registered activation: ``g.activation("relu", h)``."""
         manager = get_plugin_manager()
+        self._check_inputs(f"activation {kind!r}", [x])
         if kind not in manager.activations and kind in manager.layers:
             raise GraphBuildError(f"{kind!r} is a layer, not an activation (it learns parameters): "
                                   f"use g.layer({kind!r}, x, ...) on input {x.name!r}")
@@ -402,6 +423,7 @@ class Graph:
              **config: Any) -> Tensor:
         """Apply a registered loss to a prediction and a target: a scalar tensor."""
         entry = get_plugin_manager().losses.entry(kind)
+        self._check_inputs(f"loss {kind!r}", [pred, target])
         loss = _construct(entry, "loss", kind, config)
         call = {"call": "loss", "kind": kind, "inputs": [pred.name, target.name], "name": name,
                 "config": config}
@@ -425,7 +447,7 @@ class Graph:
     # -- compiling -------------------------------------------------------------------------
 
     def compile(self, loss: Tensor | None = None, *, outputs: Sequence[Tensor] | None = None,
-                optimizer: Optimizer | str | None = None, backend: str = "numpy",
+                optimizer: Optimizer | str | None = None, backend: str | Backend = "numpy",
                 seed: int = 0, parameters: dict[str, Any] | None = None,
                 **options: Any) -> Model:
         """Compile into a :class:`Model`: validate, prune to what ``loss`` and ``outputs``
@@ -464,8 +486,28 @@ def _check_shape(shape: Any, what: str) -> Shape:
     return tuple(None if d is None else int(d) for d in shape)
 
 
+def split_init(init: Any, what: str) -> tuple[str, dict[str, Any]]:
+    """A parameter's ``init`` (an initializer name, or ``{"name": ..., **config}``) as the
+    initializer's name and its config."""
+    if isinstance(init, str):
+        return init, {}
+    if isinstance(init, Mapping) and isinstance(init.get("name"), str):
+        return init["name"], {k: v for k, v in init.items() if k != "name"}
+    names = ", ".join(get_plugin_manager().initializers.names())
+    if isinstance(init, Mapping):
+        example = {"name": "normal", **{k: v for k, v in init.items() if k != "name"}}
+        raise GraphBuildError(f"{what}: init {dict(init)!r} names no initializer: add its \"name\", "
+                              f"e.g. init={example!r}; initializers: {names}")
+    raise GraphBuildError(f"{what}: init must be an initializer name or a dict "
+                          f"{{'name': ..., **config}}, got {type(init).__name__} {init!r}; "
+                          f"initializers: {names}")
+
+
 def _check_dtype(dtype: Any, what: str) -> str:
-    name = np.dtype(dtype).name if dtype is not None else None
+    try:
+        name = np.dtype(dtype).name if dtype is not None else None
+    except (TypeError, ValueError):  # not a dtype at all ("bogus"): refused below like others
+        name = None
     if name not in DTYPES:
         raise GraphBuildError(f"{what}: unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return name

@@ -3,9 +3,10 @@ gradients and optimizer state."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,8 +38,15 @@ Feeds = Mapping[str, Any]
 
 
 def get_backend(backend: str | Backend) -> Backend:
+    """A backend by registered name (``"numpy"``, ``"strict"``, ``"cupy"``), or ``backend``
+    itself when it is a Backend instance already."""
     if isinstance(backend, Backend):
         return backend
+    if not isinstance(backend, str):
+        names = get_plugin_manager().backends.names()
+        raise BackendError(f"backend must be a registered backend name or a Backend instance, got "
+                           f"{type(backend).__name__} {backend!r}: pass one of "
+                           f"{', '.join(map(repr, names))} (e.g. backend='numpy')")
     return get_plugin_manager().backends.get(backend)()
 
 
@@ -56,14 +64,14 @@ def initial_value(node_name: str, op: Parameter, seed: int) -> np.ndarray:
     """A parameter's first value, from a generator seeded by the model seed and the parameter's
     name, so adding a layer does not change the initial values of the others."""
     from .base import fans
-    init = op.init if isinstance(op.init, dict) else {"name": op.init}
-    config = {k: v for k, v in init.items() if k != "name"}
-    initializer = get_plugin_manager().initializers.get(init["name"])(**config)
+    from .graph import split_init
+    name, config = split_init(op.init, f"parameter {node_name!r}")
+    initializer = get_plugin_manager().initializers.get(name)(**config)
     rng = np.random.default_rng([seed, zlib.crc32(node_name.encode())])
     shape = tuple(op.spec.shape)
     value = np.asarray(initializer(rng, shape, *fans(shape)), dtype=op.spec.dtype)
     if value.shape != shape:
-        raise GraphEngineError(f"initializer {init['name']!r} returned shape {value.shape} for "
+        raise GraphEngineError(f"initializer {name!r} returned shape {value.shape} for "
                                f"parameter {node_name!r} of shape {shape}")
     return value
 
@@ -200,20 +208,37 @@ class Model:
         return self._grads[slot]
 
     def freeze(self, *patterns: str) -> list[str]:
-        """Stop training parameters whose names start with any pattern (``"fc1/"``, ``"fc1/W"``)."""
-        names = [n for n in self._params if any(n == p or n.startswith(p.rstrip("/") + "/")
-                                                for p in patterns)]
-        if not names:
-            raise GraphEngineError(f"no parameter matches {patterns}; parameters: {list(self._params)}")
-        self.frozen.update(names)
-        self._plans.clear()
-        self.train_plan = self._get_plan("train")
+        """Stop training the parameters a pattern names: a parameter (``"fc1/W"``) or a layer
+        (``"fc1"`` or ``"fc1/"``, not ``"fc10"``). Returns their names. A freeze that would
+        leave nothing to train raises ``CompileError`` and changes nothing."""
+        names = self._matching_parameters(patterns)
+        self._set_frozen(self.frozen | set(names))
         return names
 
-    def unfreeze(self, *patterns: str) -> None:
-        self.frozen = {n for n in self.frozen if not any(n.startswith(p) for p in patterns)}
-        self._plans.clear()
-        self.train_plan = self._get_plan("train")
+    def unfreeze(self, *patterns: str) -> list[str]:
+        """Train again the parameters a pattern names (as in :meth:`freeze`); returns their names."""
+        names = self._matching_parameters(patterns)
+        self._set_frozen(self.frozen - set(names))
+        return names
+
+    def _matching_parameters(self, patterns: Sequence[str]) -> list[str]:
+        scopes = [p.rstrip("/") + "/" for p in patterns]
+        names = [n for n in self._params if n in patterns or n.startswith(tuple(scopes))]
+        if not names:
+            raise GraphEngineError(f"no parameter matches {patterns}; name a parameter or a "
+                                   f"layer: parameters are {list(self._params)}")
+        return names
+
+    def _set_frozen(self, frozen: set[str]) -> None:
+        # The training plan for ``frozen`` is built before the model commits to it: if it
+        # cannot be (nothing left to train), the model stays as it was.
+        previous = self.frozen, self._plans, self.train_plan
+        self.frozen, self._plans = frozen, {}
+        try:
+            self.train_plan = self._get_plan("train") if self.loss_name else None
+        except BaseException:
+            self.frozen, self._plans, self.train_plan = previous
+            raise
 
     # -- plans ------------------------------------------------------------------------------
 
@@ -244,6 +269,17 @@ class Model:
     def eval(self) -> Model:
         self._set_mode(False)
         return self
+
+    @contextlib.contextmanager
+    def mode(self, training: bool) -> Iterator[Model]:
+        """Training (``True``) or evaluation mode inside the block, the mode before it after it,
+        even when the block fails: ``with model.mode(training=False): ...``."""
+        was_training = self.training
+        self._set_mode(training)
+        try:
+            yield self
+        finally:
+            self._set_mode(was_training)
 
     # -- feeds -------------------------------------------------------------------------------
 
@@ -452,7 +488,8 @@ class Model:
 
     def forward(self, feeds: Feeds, training: bool | None = None) -> Any:
         """Run the training plan forward; returns the loss as a float (or, for a model without
-        a loss, the outputs as in :meth:`run`)."""
+        a loss, the outputs as in :meth:`run`). ``training`` sets the model's mode, which stays:
+        the backward of this forward runs in it too."""
         if self.loss_name is None:
             return self.run(feeds)
         self._set_mode(self.training if training is None else training)
@@ -526,30 +563,29 @@ class Model:
 
     def run(self, feeds: Feeds, fetches: Sequence[Tensor | str] | None = None,
             training: bool = False) -> dict[str, np.ndarray]:
-        """Compute ``fetches`` (default: the outputs) and return them as host arrays by name."""
+        """Compute ``fetches`` (default: the outputs) and return them as host arrays by name, in
+        evaluation mode unless ``training``; the model's own mode is left as it was."""
         names = tuple(_node_name(self.graph, f, "fetch") for f in fetches) if fetches else tuple(
             self.output_names)
-        self._set_mode(training)
         plan = self._get_plan("infer", names)
-        values = self._prepare(plan, feeds)
-        self._run_forward(plan, values, self._observers(inference=True))
+        with self.mode(training):
+            values = self._prepare(plan, feeds)
+            self._run_forward(plan, values, self._observers(inference=True))
         return {n: self.backend.to_numpy(values[plan.slots[n]]) for n in names}
 
     def predict(self, feeds: Feeds, batch_size: int | None = None) -> Any:
         """Outputs in evaluation mode, as host arrays: one array for one output, else a dict.
         With a loss's default output, its link applies (softmax cross-entropy -> probabilities)."""
         from .training import batches, dataset_length
-        was_training = self.training
         plan = self._get_plan("infer", tuple(self.output_names))
         if isinstance(feeds, Mapping):  # targets are not needed to predict: drop them
             inputs = set(self.graph.inputs())
             feeds = {k: v for k, v in feeds.items() if k in plan.feeds or k not in inputs}
         self._check_feed_names(plan, feeds)
-        try:
-            self._set_mode(False)
-            n = dataset_length(feeds)
-            chunks: dict[str, list[np.ndarray]] = {name: [] for name in self.output_names}
-            for batch in batches(feeds, n, batch_size or n, order=None):
+        n = dataset_length(feeds)
+        chunks: dict[str, list[np.ndarray]] = {name: [] for name in self.output_names}
+        with self.mode(training=False):
+            for batch in batches(feeds, n, n if batch_size is None else batch_size, order=None):
                 values = self._prepare(plan, batch)
                 self._run_forward(plan, values, self._observers(inference=True))
                 for name in self.output_names:
@@ -557,8 +593,6 @@ class Model:
                     if self._link is not None:
                         value = self._link.predict(self.xp, value)
                     chunks[name].append(self.backend.to_numpy(value))
-        finally:
-            self._set_mode(was_training)
         out = {name: np.concatenate(parts) if parts[0].ndim else parts[0]
                for name, parts in chunks.items()}
         return out[self.output_names[0]] if len(out) == 1 else out

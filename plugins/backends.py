@@ -8,7 +8,9 @@ leaks into operator code, without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,12 @@ from graphengine.errors import BackendError
 
 def _numpy_scatter_add(target, indices, values):
     np.add.at(target, indices, values)
+
+
+@contextlib.contextmanager
+def _gpu_errstate(**_ignored: str) -> Iterator[None]:
+    """``xp.errstate`` on CuPy: GPU kernels raise no floating-point warnings to silence."""
+    yield
 
 
 class NumpyBackend(ge.Backend):
@@ -69,7 +77,7 @@ class CupyBackend(ge.Backend):
         import cupy
         import cupyx
         self.array_types = (cupy.ndarray,)
-        return module_namespace(cupy, scatter_add=cupyx.scatter_add)
+        return module_namespace(cupy, scatter_add=cupyx.scatter_add, errstate=_gpu_errstate)
 
     def asarray(self, data, dtype=None):
         import cupy

@@ -105,16 +105,21 @@ class SoftmaxCrossEntropy(_ClassLabels):
     """
 
     name = "softmax_cross_entropy"
+    #: (logits, their log-probabilities) of the last forward, which backward reuses.
+    last: tuple[Any, Any] = (None, None)
 
     def forward(self, xp, pred, target):
         self.check_labels(target, pred.shape[-1])
         logp = log_softmax(xp, pred)
-        return -logp[xp.arange(len(target)), target].mean()
+        self.last = pred, logp
+        return logp[xp.arange(len(target)), target].sum() * (-1.0 / len(target))
 
     def backward(self, xp, pred, target):
-        probs = xp.exp(log_softmax(xp, pred))
+        logits, logp = self.last
+        probs = xp.exp(logp if logits is pred else log_softmax(xp, pred))
         probs[xp.arange(len(target)), target] -= 1
-        return probs / len(target)
+        probs *= 1.0 / len(target)
+        return probs
 
     def predict(self, xp, pred):
         return xp.exp(log_softmax(xp, pred))

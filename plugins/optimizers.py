@@ -8,6 +8,9 @@ and work with every optimizer.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import graphengine as ge
 
 
@@ -18,6 +21,17 @@ def _check(value: float, what: str, low: float, high: float | None = None) -> fl
         bound = f"[{low}, {high})" if high is not None else f">= {low}"
         raise TypeError(f"{what} must be a number {bound}, got {value!r}")
     return float(value)
+
+
+def _step_by_root(xp: Any, param: Any, numerator: Any, square: Any, lr: float, eps: float,
+                  scratch: Any) -> None:
+    """``param -= lr * numerator / (sqrt(square) + eps)``, computed in ``scratch`` (an array
+    the size of ``param``) instead of four temporaries."""
+    xp.sqrt(square, out=scratch)
+    scratch += eps
+    xp.divide(numerator, scratch, out=scratch)
+    scratch *= lr
+    param -= scratch
 
 
 class SGD(ge.Optimizer):
@@ -80,9 +94,9 @@ class Adagrad(ge.Optimizer):
         return {"sum_squares": xp.zeros_like(param)}
 
     def update(self, xp, param, grad, state, step):
-        sum_squares = state["sum_squares"]
-        sum_squares += grad * grad
-        param -= self.lr * grad / (xp.sqrt(sum_squares) + self.eps)
+        sum_squares, scratch = state["sum_squares"], xp.multiply(grad, grad)
+        sum_squares += scratch
+        _step_by_root(xp, param, grad, sum_squares, self.lr, self.eps, scratch)
 
 
 class RMSProp(ge.Optimizer):
@@ -101,13 +115,15 @@ class RMSProp(ge.Optimizer):
         self.eps = _check(eps, "eps", 0.0)
 
     def update(self, xp, param, grad, state, step):
+        scratch = xp.multiply(grad, grad)
         mean_square = state.get("mean_square")
         if mean_square is None:  # this parameter's first gradient (it may have been frozen)
-            mean_square = state["mean_square"] = grad * grad
+            mean_square = state["mean_square"] = scratch.copy()
         else:
             mean_square *= self.alpha
-            mean_square += (1 - self.alpha) * grad * grad
-        param -= self.lr * grad / (xp.sqrt(mean_square) + self.eps)
+            scratch *= 1 - self.alpha
+            mean_square += scratch
+        _step_by_root(xp, param, grad, mean_square, self.lr, self.eps, scratch)
 
 
 class Adam(ge.Optimizer):
@@ -132,13 +148,18 @@ class Adam(ge.Optimizer):
     def update(self, xp, param, grad, state, step):
         m, v = state["m"], state["v"]
         state["t"] = t = state["t"] + 1
+        scratch = xp.multiply(grad, 1 - self.beta1)
         m *= self.beta1
-        m += (1 - self.beta1) * grad
+        m += scratch
+        xp.multiply(grad, grad, out=scratch)
+        scratch *= 1 - self.beta2
         v *= self.beta2
-        v += (1 - self.beta2) * grad * grad
-        m_hat = m / (1 - self.beta1 ** t)
-        v_hat = v / (1 - self.beta2 ** t)
-        param -= self.lr * m_hat / (xp.sqrt(v_hat) + self.eps)
+        v += scratch
+        # m_hat / (sqrt(v_hat) + eps) with the corrections moved onto scalars: the same number,
+        # without two more arrays the size of the parameter.
+        root_correction = math.sqrt(1 - self.beta2 ** t)
+        _step_by_root(xp, param, m, v, self.lr * root_correction / (1 - self.beta1 ** t),
+                      self.eps * root_correction, scratch)
 
 
 @ge.hookimpl

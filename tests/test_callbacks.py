@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -161,3 +163,23 @@ def test_progress_bar_only_on_a_terminal_or_when_asked(capsys):
     assert "epoch 2" in capsys.readouterr().err
     model.fit(classes(20), epochs=1, batch_size=10, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_any_integral_batch_size_is_taken():
+    data = classes(12)
+    by_int = classifier().fit(data, epochs=2, batch_size=4, shuffle=False)
+    by_numpy_int = classifier().fit(data, epochs=2, batch_size=np.int64(4), shuffle=False)
+    assert by_numpy_int["loss"] == by_int["loss"]
+    model = classifier()
+    assert model.evaluate(data, batch_size=np.int32(5)) == pytest.approx(model.evaluate(data))
+    np.testing.assert_allclose(model.predict(data, batch_size=np.uint8(5)), model.predict(data))
+
+
+@pytest.mark.parametrize("batch_size", [True, np.bool_(True), 0, -2, np.int64(0), 2.0, "4"])
+def test_a_batch_size_that_is_no_positive_int_is_refused_everywhere(batch_size):
+    model, data = classifier(), classes(12)
+    message = re.escape(f"batch_size must be a positive int, got {batch_size!r}")
+    for call in (model.fit, model.evaluate, model.predict):
+        with pytest.raises(ge.DataError, match=message):
+            call(data, batch_size=batch_size)
+    assert model.step_count == 0

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
+import pickle
+import re
 import sys
 import types
 from collections.abc import Callable
@@ -21,6 +23,7 @@ import numpy as np
 import pytest
 
 import graphengine as ge
+from graphengine import serialize
 from graphengine.plugins import PluginWarning
 from graphengine.testing import isolated_plugin_manager
 
@@ -158,6 +161,38 @@ def unknown_backend(mp):
 def unknown_primitive(mp):
     g = ge.Graph()
     g.op("matmull", g.input("x", (None, 3)))
+
+
+def unknown_dtype(mp):
+    ge.Graph().input("x", (None, 3), dtype="bogus")
+
+
+def array_as_an_activation_input(mp):
+    ge.Graph().activation("relu", X)
+
+
+def array_as_a_layer_input(mp):
+    ge.Graph().layer("dense", X, units=2)
+
+
+def string_as_a_loss_target(mp):
+    g = ge.Graph()
+    x = g.input("x", (None, 3))
+    g.input("y", (None,), dtype="int64")
+    g.loss("softmax_cross_entropy", g.layer("dense", x, units=4), "y")
+
+
+def init_without_a_name(mp):
+    ge.Graph().parameter("W", (3, 2), init={"std": 1})
+
+
+def initializer_rejecting_its_arguments(mp):
+    ge.Graph().parameter("W", (3, 2), init={"name": "normal", "sdt": 1})
+
+
+def backend_not_a_name(mp):
+    g = ge.Graph()
+    g.compile(outputs=[g.input("x", (None, 3))], backend=3)
 
 
 def bad_layer_arguments(mp):
@@ -335,6 +370,34 @@ def corrupted_model_file(mp, tmp_path):
     ge.load(path)
 
 
+def model_file_from_a_newer_version(mp, tmp_path):
+    path = tmp_path / "model.ge"
+    with mp.context() as newer:
+        newer.setattr(serialize, "FORMAT_VERSION", serialize.FORMAT_VERSION + 1)
+        classifier().save(path)
+    ge.load(path)
+
+
+class Payload:
+    """Unpickling this would create the file ``marker``: code run by loading a model file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def model_file_carrying_a_pickle(mp, tmp_path):
+    marker = tmp_path / "unpickled"
+    path = tmp_path / "model.ge"
+    path.write_bytes(pickle.dumps(Payload(str(marker))))
+    try:
+        ge.load(path)
+    finally:
+        assert not marker.exists(), "loading ran the pickle's code"
+
+
 @dataclass
 class Case:
     trigger: Callable
@@ -375,6 +438,20 @@ CASES = [
          "graphengine plugins"),
     Case(unknown_primitive, ge.UnknownNameError, "unknown primitive operator 'matmull'. Did you mean "
          "'matmul'", "g.layer(...)"),
+    Case(unknown_dtype, ge.GraphBuildError, "input 'x': unsupported dtype 'bogus'; use one of "
+         "float16, float32, float64, int8, int16, int32, int64, uint8, bool", "use one of"),
+    Case(array_as_an_activation_input, ge.GraphBuildError, "activation 'relu': input 1 of 1 is a "
+         "numpy.ndarray of shape (5, 3), not a tensor of graph 'graph'", "g.constant(array)"),
+    Case(array_as_a_layer_input, ge.GraphBuildError, "layer 'dense': input 1 of 1 is a numpy.ndarray "
+         "of shape (5, 3), not a tensor of graph 'graph'", "g.constant(array)"),
+    Case(string_as_a_loss_target, ge.GraphBuildError, "loss 'softmax_cross_entropy': input 2 of 2 is a "
+         "str 'y' (the node of that name is g['y']), not a tensor of graph 'graph'",
+         "pass a tensor this graph built"),
+    Case(init_without_a_name, ge.GraphBuildError, "parameter 'W': init {'std': 1} names no initializer",
+         "add its \"name\", e.g. init={'name': 'normal', 'std': 1}"),
+    Case(initializer_rejecting_its_arguments, ge.GraphBuildError, "initializer 'normal' from plugin "
+         "'initializers' (distribution graphengine) rejected its arguments {'sdt': 1}",
+         "unexpected keyword argument 'sdt'"),
     Case(bad_layer_arguments, ge.GraphBuildError, "layer 'dense' from plugin 'layers'",
          "units must be a positive int"),
     Case(layer_given_two_inputs, ge.GraphBuildError, "layer 'dense' from plugin 'layers'",
@@ -406,6 +483,8 @@ CASES = [
          "but the model runs on backend 'numpy'", "convert it explicitly"),
     Case(cupy_array_to_numpy_model, ge.BackendError, "feed 'x' is a cupy.DeviceArray, but the model "
          "runs on backend 'numpy'", "convert it explicitly"),
+    Case(backend_not_a_name, ge.BackendError, "backend must be a registered backend name or a Backend "
+         "instance, got int 3", "pass one of"),
     Case(numpy_parameters_to_strict_model, ge.BackendError, "shared parameter 'fc/W' is a "
          "numpy.ndarray, not an array of backend 'strict'", "convert it explicitly"),
     Case(numpy_array_into_strict_parameter, ge.BackendError, "a plain NumPy array of shape (3, 4) "
@@ -430,6 +509,11 @@ CASES = [
          "'log_0' (log, built at", "keep its input positive"),
     Case(truncated_model_file, ge.SerializationError, "is truncated", "save the model again"),
     Case(corrupted_model_file, ge.SerializationError, "is corrupted: tensor", "save the model again"),
+    Case(model_file_from_a_newer_version, ge.SerializationError, "has format version 2, written by a "
+         "newer graphengine; this one reads versions up to 1", "upgrade (pip install -U graphengine)"),
+    Case(model_file_carrying_a_pickle, ge.SerializationError, "is a pickle, not a graphengine model "
+         "file; graphengine never unpickles (unpickling runs code from the file)",
+         "np.load(..., allow_pickle=False)"),
 ]
 
 
@@ -444,11 +528,24 @@ def test_error(case, monkeypatch, tmp_path, recwarn):
     assert case.todo in message
 
 
+def error_table() -> dict[str, list[str]]:
+    """Case id -> the other cells of its row (error, message, what to do) in docs/errors.md."""
+    rows = {}
+    for line in DOC.read_text().splitlines():
+        match = re.fullmatch(r"\| `(\w+)` \| (.*) \|", line)
+        cells = match[2].split(" | ") if match else []  # a pipe inside a cell is escaped: \|
+        if len(cells) == 3:
+            rows[match[1]] = cells
+    return rows
+
+
 def test_the_error_table_documents_every_case():
-    doc = DOC.read_text()
+    table = error_table()
+    assert sorted(table) == sorted(case.id for case in CASES)
     for case in CASES:
-        assert f"`{case.id}`" in doc, case.id
-        assert case.excerpt.replace("|", "\\|") in doc, case.id
+        error, message, _ = table[case.id]
+        assert error == f"`{case.error.__name__}`", case.id
+        assert case.excerpt.replace("|", "\\|") in message, case.id
 
 
 def test_every_error_class_is_a_graphengine_error():

@@ -302,3 +302,127 @@ def test_sgd_update_matches_formula():
     model.step()
     for k, p in model.parameters().items():
         np.testing.assert_allclose(p, before[k] - 0.5 * grads[k], rtol=1e-6)
+
+
+# ------------------------------------------------------------------ freezing
+
+def ten_layers():
+    """Layers fc1 ... fc10 in a chain: 'fc1' is a prefix of 'fc10' but not its layer."""
+    g = ge.Graph("deep")
+    h = x = g.input("x", (None, 2))
+    for i in range(1, 11):
+        h = g.layer("dense", h, units=2, name=f"fc{i}")
+    return g.compile(((h - x) ** 2).mean(), outputs=[h], optimizer="sgd")
+
+
+def test_freeze_and_unfreeze_match_a_layer_not_a_name_prefix():
+    model = ten_layers()
+    assert model.freeze("fc1") == ["fc1/W", "fc1/b"]
+    model.freeze("fc10/")
+    assert model.unfreeze("fc1") == ["fc1/W", "fc1/b"]
+    assert model.frozen == {"fc10/W", "fc10/b"}
+    assert "fc1/W" in model.trainable_parameters() and "fc10/W" not in model.trainable_parameters()
+    assert model.unfreeze("fc10/W") == ["fc10/W"]
+    assert model.frozen == {"fc10/b"}
+
+
+def test_freeze_and_unfreeze_refuse_patterns_that_match_no_parameter():
+    model = ten_layers()
+    model.freeze("fc2")
+    for change, pattern in ((model.freeze, "fc11"), (model.unfreeze, "fc21")):
+        with pytest.raises(ge.GraphEngineError, match=rf"no parameter matches \('{pattern}',\)"):
+            change(pattern)
+    assert model.frozen == {"fc2/W", "fc2/b"}
+
+
+def test_a_freeze_that_leaves_nothing_to_train_changes_nothing():
+    model = ten_layers()
+    model.freeze("fc1")
+    plan = model.train_plan
+    with pytest.raises(ge.CompileError, match="no trainable parameter"):
+        model.freeze(*(f"fc{i}" for i in range(2, 11)))
+    assert model.frozen == {"fc1/W", "fc1/b"}
+    assert model.train_plan is plan
+    feeds = {"x": np.ones((3, 2), np.float32)}
+    before = model.parameters()["fc2/W"].copy()
+    model.train_step(feeds)
+    assert set(model.gradients()) == {f"fc{i}/{p}" for i in range(2, 11) for p in "Wb"}
+    assert not np.array_equal(model.parameters()["fc2/W"], before)
+
+
+def test_a_model_without_a_loss_records_what_is_frozen():
+    g, x, *_ = mlp()
+    model = g.compile(outputs=[g["out/add"]])
+    assert model.freeze("out") == ["out/W", "out/b"]
+    assert model.train_plan is None
+    assert model.unfreeze("out") == ["out/W", "out/b"]
+    assert model.frozen == set()
+
+
+# ------------------------------------------------------------------ bad builder arguments
+
+def snapshot(g):
+    return list(g.nodes), sorted(g.dag.edges), len(g.calls)
+
+
+def other_graphs_tensor():
+    return ge.Graph("other").input("x", (None, 3))
+
+
+BUILDERS = {
+    "activation": lambda g, x, bad: g.activation("relu", bad),
+    "loss_prediction": lambda g, x, bad: g.loss("mse", bad, x),
+    "loss_target": lambda g, x, bad: g.loss("mse", x, bad),
+    "layer": lambda g, x, bad: g.layer("dense", bad, units=2),
+    "layer_second_input": lambda g, x, bad: g.layer("dense", x, bad, units=2),
+    "op": lambda g, x, bad: g.op("exp", bad),
+    "concat": lambda g, x, bad: ge.concat([x, bad], axis=1),
+}
+NOT_TENSORS = {"array": (np.zeros((2, 3)), "a numpy.ndarray of shape (2, 3)"),
+               "string": ("x", "a str 'x' (the node of that name is g['x'])"),
+               "unknown_string": ("h", "a str 'h', not"), "none": (None, "a NoneType, not"),
+               "other_graph": (other_graphs_tensor, "tensor 'x', which belongs to graph 'other'")}
+
+
+@pytest.mark.parametrize("build", BUILDERS.values(), ids=BUILDERS.keys())
+@pytest.mark.parametrize("bad", NOT_TENSORS.values(), ids=NOT_TENSORS.keys())
+def test_builders_refuse_what_is_not_a_tensor_of_their_graph(build, bad):
+    g = ge.Graph("g")
+    x = g.input("x", (None, 3))
+    value, described = bad
+    before = snapshot(g)
+    with pytest.raises(ge.GraphBuildError, match="not a tensor of graph 'g'") as info:
+        build(g, x, value() if callable(value) else value)
+    assert described in str(info.value)
+    assert "g.constant(" in str(info.value)
+    assert snapshot(g) == before
+
+
+def test_an_unknown_dtype_is_a_build_error_listing_the_dtypes():
+    g = ge.Graph()
+    for bad in ("bogus", "complex64", object()):
+        with pytest.raises(ge.GraphBuildError, match="unsupported dtype .*; use one of float16"):
+            g.input("x", (None, 3), dtype=bad)
+    assert not g.nodes
+
+
+@pytest.mark.parametrize("init, message", [
+    ({"std": 1}, r"init \{'std': 1\} names no initializer: add its \"name\""),
+    (3, "init must be an initializer name"),
+    ({"name": "normal", "sdt": 1}, r"initializer 'normal' from plugin 'initializers'.* rejected its "
+                                   r"arguments \{'sdt': 1\}: .*unexpected keyword argument 'sdt'"),
+])
+def test_a_bad_init_is_a_build_error(init, message):
+    g = ge.Graph()
+    with pytest.raises(ge.GraphBuildError, match=message):
+        g.parameter("W", (3, 2), init=init)
+    assert not g.nodes
+    assert g.parameter("W", (3, 2), init={"name": "normal", "std": 1}).shape == (3, 2)
+
+
+@pytest.mark.parametrize("backend", [3, None, ge.Backend], ids=["int", "none", "class"])
+def test_a_backend_that_is_no_name_is_a_backend_error(backend):
+    g, *_, loss = mlp()
+    with pytest.raises(ge.BackendError, match="backend must be a registered backend name") as info:
+        g.compile(loss, backend=backend)
+    assert "'numpy'" in str(info.value)
