@@ -49,7 +49,12 @@ __version__ = "0.1.0"
 
 def concat(tensors: list[Tensor], axis: int = -1, name: str | None = None) -> Tensor:
     """Join tensors along ``axis``."""
-    return tensors[0].graph.op("concat", *tensors, axis=axis, name=name)
+    graph = next((t.graph for t in tensors if isinstance(t, Tensor)), None)
+    if graph is None:
+        raise GraphBuildError(f"concat joins tensors of a graph, got "
+                              f"{[type(t).__name__ for t in tensors]}; put a graph's tensors in "
+                              f"the list (g.constant(array) makes one of an array)")
+    return graph.op("concat", *tensors, axis=axis, name=name)
 
 
 def exp(x: Tensor) -> Tensor:

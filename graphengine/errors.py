@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import numbers
 from collections.abc import Iterable
+from typing import Any
 
 
 class GraphEngineError(Exception):
@@ -63,6 +65,16 @@ class DataError(GraphEngineError, ValueError):
 
 class SerializationError(GraphEngineError, ValueError):
     """A model file is corrupted, truncated, unsafe or from an unknown format version."""
+
+
+def require_int(value: Any, what: str, minimum: int = 1,
+                error: type[GraphEngineError] = GraphBuildError) -> int:
+    """``value`` as an int of at least ``minimum``: any integral number, NumPy's included, but
+    not a bool (``units=True`` is a mistake, not a size of 1); else ``error`` naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        bound = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise error(f"{what} must be {bound}, got {value!r}")
+    return int(value)
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:

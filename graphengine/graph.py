@@ -467,11 +467,11 @@ class Graph:
 def _construct(entry: Any, what: str, kind: str, config: dict[str, Any]) -> Any:
     try:
         return entry.obj(**config)
-    except GraphEngineError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise GraphBuildError(f"{what} {kind!r} from {entry.origin()} rejected its arguments "
-                              f"{config}: {exc}") from None
+    except (GraphEngineError, TypeError, ValueError) as exc:
+        # The plugin's own error class is kept; the message gains which plugin and arguments.
+        error = type(exc) if isinstance(exc, GraphEngineError) else GraphBuildError
+        raise error(f"{what} {kind!r} from {entry.origin()} rejected its arguments "
+                    f"{config}: {exc}") from None
 
 
 def _check_shape(shape: Any, what: str) -> Shape:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import GraphEngineError
+from .errors import GraphEngineError, require_int
 
 if TYPE_CHECKING:
     from .compile import Plan, Step
@@ -192,12 +192,8 @@ class GradientMonitor:
     """
 
     def __init__(self, every: int = 50, keep: int = 500, edges: bool = True) -> None:
-        if not isinstance(every, int) or every < 1:
-            raise GraphEngineError(f"GradientMonitor(every=...) must be a positive int, got {every!r}")
-        if not isinstance(keep, int) or keep < 2:
-            raise GraphEngineError(f"GradientMonitor(keep=...) must be an int >= 2, got {keep!r}")
-        self.every = every
-        self.keep = keep
+        self.every = require_int(every, "GradientMonitor(every=...)", 1, GraphEngineError)
+        self.keep = require_int(keep, "GradientMonitor(keep=...)", 2, GraphEngineError)
         self.edges = edges
         #: How many intervals apart kept records are; doubles each time the history is thinned.
         self.stride = 1

@@ -179,9 +179,7 @@ def profile(model: Model, feeds: Mapping[str, Any], *, steps: int = 10, fused: b
             model.step()
             overhead["update"].append(time.perf_counter() - start)
 
-    was_training = model.training
-    model._set_mode(True)
-    try:
+    with model.mode(True):
         timing: dict[tuple[int, str], float] = {}
         measured = _instrumented(executed, timing, traced=False)
         one_step(measured, timing)  # warm-up
@@ -206,8 +204,6 @@ def profile(model: Model, feeds: Mapping[str, Any], *, steps: int = 10, fused: b
             for series in overhead.values():
                 if series:
                     series.pop()  # the traced step's times are not the step's times
-    finally:
-        model._set_mode(was_training)
     return Profile(_rows(model, executed, samples, allocated),
                    1e3 * _median(overhead["feeds"]), 1e3 * _median(overhead["engine"]),
                    1e3 * _median(overhead["update"]) if update else 0.0, steps, fused, traced)

@@ -27,7 +27,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import GraphEngineError
+from .errors import GraphEngineError, require_int
 
 if TYPE_CHECKING:
     from .model import Model
@@ -244,9 +244,7 @@ class StepDecay(Schedule):
                  initial_lr: float | None = None) -> None:
         super().__init__(per, initial_lr)
         self.drop = _number(drop, "drop", positive=True)
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise GraphEngineError(f"every must be a positive int, got {every!r}")
-        self.every = every
+        self.every = require_int(every, "every", 1, GraphEngineError)
 
     def factor(self, t: int) -> float:
         return self.drop ** (t // self.every)

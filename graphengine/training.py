@@ -4,7 +4,6 @@ fitting of data-fitted layers (preprocessing) before training."""
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -13,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .base import LossOp
-from .errors import DataError, GraphEngineError, NumericalError
+from .errors import DataError, GraphEngineError, NumericalError, require_int
 from .plugins import get_plugin_manager
 
 if TYPE_CHECKING:
@@ -76,8 +75,7 @@ class EarlyStopping(Callback):
                  mode: str = "auto", restore_best: bool = True) -> None:
         if mode not in ("auto", "min", "max"):
             raise GraphEngineError(f"EarlyStopping mode must be 'auto', 'min' or 'max', got {mode!r}")
-        if not isinstance(patience, int) or patience < 0:
-            raise GraphEngineError(f"EarlyStopping patience must be an int >= 0, got {patience!r}")
+        patience = require_int(patience, "EarlyStopping patience", 0, GraphEngineError)
         self.monitor, self.patience, self.min_delta = monitor, patience, abs(min_delta)
         self.restore_best = restore_best
         self.sign = 1.0 if (mode == "max" or mode == "auto" and monitor.endswith("accuracy")) else -1.0
@@ -114,8 +112,7 @@ class Checkpoint(Callback):
     hold ``{epoch}`` to keep one file per checkpoint; each save is atomic."""
 
     def __init__(self, path: str | os.PathLike, every: int = 1, training_state: bool = True) -> None:
-        if not isinstance(every, int) or every < 1:
-            raise GraphEngineError(f"Checkpoint every must be a positive int, got {every!r}")
+        every = require_int(every, "Checkpoint every", 1, GraphEngineError)
         self.path, self.every, self.training_state = os.fspath(path), every, training_state
         self.saved: list[str] = []
 
@@ -158,18 +155,10 @@ def _rows(array: Any) -> int | None:
     return len(array) if hasattr(array, "__len__") and not isinstance(array, (str, bytes)) else None
 
 
-def _check_batch_size(batch_size: Any) -> int:
-    """``batch_size`` as an int: any integral number (NumPy's included) of at least 1."""
-    # A bool is an int to Python, but batch_size=True is a mistake, not a size of 1.
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise DataError(f"batch_size must be a positive int, got {batch_size!r}")
-    return int(batch_size)
-
-
 def batches(data: Mapping[str, Any], n: int, batch_size: int,
             order: np.ndarray | None) -> Iterator[dict[str, Any]]:
     """Slices of ``data`` of ``batch_size`` rows (the last may be smaller), in ``order``."""
-    batch_size = _check_batch_size(batch_size)
+    batch_size = require_int(batch_size, "batch_size", 1, DataError)
     for start in range(0, n, batch_size):
         if order is None:
             yield {k: v[start:start + batch_size] for k, v in data.items()}
@@ -218,7 +207,8 @@ def fit(model: Model, data: Mapping[str, Any], *, epochs: int = 1, batch_size: i
     if model.optimizer is None:
         raise GraphEngineError("fit() needs an optimizer: compile(..., optimizer=ge.optimizer('sgd'))")
     n = dataset_length(data)
-    batch_size = _check_batch_size(batch_size)
+    batch_size = require_int(batch_size, "batch_size", 1, DataError)
+    epochs = require_int(epochs, "epochs", 0, DataError)
     if batch_size > n:
         raise DataError(f"batch_size {batch_size} is larger than the dataset ({n} rows); use "
                         f"batch_size={n} for full-batch gradient descent")

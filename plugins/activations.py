@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import graphengine as ge
-from graphengine.errors import ShapeError
+from graphengine.errors import ShapeError, require_int
 from graphengine.operators import TensorSpec, require_float, same_dtype
 
 
@@ -19,7 +19,7 @@ def sigmoid(xp: Any, x: Any) -> Any:
     """``1 / (1 + exp(-x))`` in one buffer. An exp that overflows (x < -88 in float32) gives
     inf and so exactly 0, the right value: only the warning is silenced. Faster than the tanh
     form ``(tanh(x / 2) + 1) / 2`` (1.5-2x on CPUs where NumPy's tanh is not vectorized)."""
-    y = xp.negative(x)
+    y = xp.negative(x, out=xp.empty_like(x))  # an array even for a 0-d x, for the out= below
     with xp.errstate(over="ignore"):
         xp.exp(y, out=y)
     y += 1
@@ -275,9 +275,7 @@ class Maxout(ge.Layer):
 
     def __init__(self, units: int, pieces: int = 2, init: str | dict = "xavier",
                  bias: bool = True) -> None:
-        for value, what in ((units, "units"), (pieces, "pieces")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise TypeError(f"{what} must be a positive int, got {value!r}")
+        units, pieces = require_int(units, "units"), require_int(pieces, "pieces")
         super().__init__(units=units, pieces=pieces, init=init, bias=bias)
         self.units, self.pieces, self.init, self.bias = units, pieces, init, bias
 

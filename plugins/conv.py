@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import graphengine as ge
-from graphengine.errors import DataError, GraphBuildError, ShapeError
+from graphengine.errors import DataError, GraphBuildError, ShapeError, require_int
 from graphengine.graph import DTYPES
 from graphengine.operators import TensorSpec, require_float, same_dtype
 
@@ -419,12 +419,6 @@ class OneHot(ge.Operator):
 
 # --------------------------------------------------------------------------- layers
 
-def _positive_int(value: Any, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise GraphBuildError(f"{what} must be a positive int, got {value!r}")
-    return value
-
-
 class Conv2DLayer(ge.Layer):
     """``conv2d(filters, kernel_size, stride=1, padding=0, bias=True, init="he")`` on NCHW input.
 
@@ -435,7 +429,7 @@ class Conv2DLayer(ge.Layer):
                  padding: Any = 0, bias: bool = True, init: str | dict = "he") -> None:
         super().__init__(filters=filters, kernel_size=kernel_size, stride=stride, padding=padding,
                          bias=bias, init=init)
-        self.filters = _positive_int(filters, "filters")
+        self.filters = require_int(filters, "filters")
         self.kernel = _pair(kernel_size, "kernel_size")
         self.op = Conv2D(stride, padding)
         self.bias, self.init = bias, init
@@ -476,8 +470,8 @@ class Embedding(ge.Layer):
 
     def __init__(self, vocab_size: int, dim: int, init: str | dict = "uniform") -> None:
         super().__init__(vocab_size=vocab_size, dim=dim, init=init)
-        self.vocab_size = _positive_int(vocab_size, "vocab_size")
-        self.dim = _positive_int(dim, "dim")
+        self.vocab_size = require_int(vocab_size, "vocab_size")
+        self.dim = require_int(dim, "dim")
         self.init = init
 
     def build(self, g, ids):
@@ -493,7 +487,7 @@ class OneHotLayer(ge.Layer):
         super().__init__(depth=depth, dtype=dtype)
         if dtype not in DTYPES:
             raise GraphBuildError(f"one_hot dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        self.op = OneHot(_positive_int(depth, "depth"), dtype)
+        self.op = OneHot(require_int(depth, "depth"), dtype)
 
     def build(self, g, ids):
         return g.apply(self.op, ids)

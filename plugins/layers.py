@@ -5,15 +5,14 @@ from __future__ import annotations
 import math
 
 import graphengine as ge
-from graphengine.errors import ShapeError
+from graphengine.errors import ShapeError, require_int
 
 
 class Dense(ge.Layer):
     """Fully connected: ``y = x @ W + b`` over the last axis. Parameters ``W`` (in, units), ``b``."""
 
     def __init__(self, units: int, init: str | dict = "xavier", bias: bool = True) -> None:
-        if not isinstance(units, int) or units < 1:
-            raise TypeError(f"units must be a positive int, got {units!r}")
+        units = require_int(units, "units")
         super().__init__(units=units, init=init, bias=bias)
         self.units, self.init, self.bias = units, init, bias
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 import graphengine as ge
-from graphengine.errors import DataError, GraphBuildError, ShapeError
+from graphengine.errors import DataError, ShapeError, require_int
 
 
 class Preprocessor(ge.Layer):
@@ -110,8 +110,7 @@ class PCA(Preprocessor):
     (``eps`` guards directions of near-zero variance). Before fitting, ``P`` is zero."""
 
     def __init__(self, components: int, whiten: bool = False, eps: float = 1e-5) -> None:
-        if not isinstance(components, int) or components < 1:
-            raise GraphBuildError(f"pca components must be a positive int, got {components!r}")
+        components = require_int(components, "pca components")
         super().__init__(components=components, whiten=whiten, eps=eps)
         self.components, self.whiten, self.eps = components, whiten, eps
 

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 import graphengine as ge
-from graphengine.errors import GraphBuildError, ShapeError
+from graphengine.errors import GraphBuildError, ShapeError, require_int
 from graphengine.operators import TensorSpec, require_float, same_dtype
 
 
@@ -342,12 +342,6 @@ def _stack(g, x, num_layers: int, return_sequences: bool,
     return h
 
 
-def _check_positive(value: Any, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise GraphBuildError(f"{what} must be a positive int, got {value!r}")
-    return value
-
-
 def _check_sequence(x, kind: str) -> None:
     if x.ndim != 3 or x.shape[2] is None:
         raise ShapeError(f"{kind} takes (batch, time, features) with known features, got {x.shape} "
@@ -371,8 +365,8 @@ class RecurrentLayer(ge.Layer):
                  recurrent_init: str | dict = "orthogonal", bias_init: str | dict | None = None) -> None:
         super().__init__(units=units, return_sequences=return_sequences, num_layers=num_layers,
                          reverse=reverse, init=init, recurrent_init=recurrent_init, bias_init=bias_init)
-        self.units = _check_positive(units, "units")
-        self.num_layers = _check_positive(num_layers, "num_layers")
+        self.units = require_int(units, "units")
+        self.num_layers = require_int(num_layers, "num_layers")
         self.return_sequences, self.reverse = return_sequences, reverse
         self.init, self.recurrent_init = init, recurrent_init
         self.bias = bias_init or self.bias_init
@@ -430,7 +424,7 @@ class Bidirectional(ge.Layer):
         if "reverse" in config:
             raise GraphBuildError("bidirectional sets reverse itself, once per direction")
         self.layer, self.merge, self.config_ = layer, merge, config
-        self.num_layers = _check_positive(num_layers, "num_layers")
+        self.num_layers = require_int(num_layers, "num_layers")
         self.return_sequences = return_sequences
 
     def build(self, g, x, *initial):

@@ -183,3 +183,18 @@ def test_a_batch_size_that_is_no_positive_int_is_refused_everywhere(batch_size):
         with pytest.raises(ge.DataError, match=message):
             call(data, batch_size=batch_size)
     assert model.step_count == 0
+
+
+def test_counts_of_epochs_patience_and_intervals_take_numpy_integers_and_refuse_the_rest(tmp_path):
+    model, data = classifier(), classes(12)
+    checkpoint = ge.Checkpoint(tmp_path / "model.gem", every=np.int64(5))
+    model.fit(data, epochs=np.int64(2), batch_size=6,
+              callbacks=[ge.EarlyStopping("loss", patience=np.int32(3)), checkpoint])
+    assert model.epoch == 2 and checkpoint.saved == [str(tmp_path / "model.gem")]
+    assert model.fit(data, epochs=0, batch_size=6).epochs == []
+    with pytest.raises(ge.DataError, match=re.escape("epochs must be an int >= 0, got 2.0")):
+        model.fit(data, epochs=2.0, batch_size=6)
+    with pytest.raises(ge.GraphEngineError, match="patience must be an int >= 0, got True"):
+        ge.EarlyStopping(patience=True)
+    with pytest.raises(ge.GraphEngineError, match="every must be a positive int, got 0"):
+        ge.Checkpoint("unused.gem", every=0)
