@@ -23,6 +23,7 @@ ACTIVATIONS = [
     ("sigmoid", {}),
     ("tanh", {}),
     ("softmax", {}),
+    ("identity", {}),
 ]
 
 
@@ -40,6 +41,12 @@ def test_activation_backward(kind, config, backend):
     check_backward(activation_op(kind, **config), [x], backend=backend)
 
 
+def test_every_built_in_activation_is_gradient_checked():
+    manager = ge.get_plugin_manager()
+    built_in = {e.name for e in manager.activations.entries() if e.plugin == "activations"}
+    assert built_in == {kind for kind, _ in ACTIVATIONS}
+
+
 def test_values_match_their_definitions():
     x = np.array([-3.0, -0.5, 0.0, 0.5, 3.0])
     np.testing.assert_allclose(forward("leaky_relu", x, slope=0.1), [-0.3, -0.05, 0, 0.5, 3])
@@ -48,6 +55,7 @@ def test_values_match_their_definitions():
                                [2 * (np.exp(-3) - 1), 2 * (np.exp(-0.5) - 1), 0, 0.5, 3])
     np.testing.assert_allclose(forward("softplus", x), np.log(1 + np.exp(x)))
     np.testing.assert_array_equal(forward("sign", x), [-1, -1, 0, 1, 1])
+    np.testing.assert_array_equal(forward("identity", x), x)
     z = np.array([[1.0, 2.0, 3.0]])
     np.testing.assert_allclose(forward("log_softmax", z), np.log(np.exp(z) / np.exp(z).sum()))
 

@@ -7,8 +7,21 @@ import numpy as np
 import pytest
 
 import graphengine as ge
-from graphengine.fusion import FusedDense
+from graphengine.base import ActivationOp
+from graphengine.fusion import FusedDense, fusible_activation
 from graphengine.testing import check_backward
+
+
+def activation_op(kind: str) -> ActivationOp:
+    return ActivationOp(kind, ge.get_plugin_manager().activations.get(kind)())
+
+
+#: Every registered activation a dense chain takes into one FusedDense step.
+FUSIBLE_ACTIVATIONS = [e.name for e in ge.get_plugin_manager().activations.entries()
+                       if fusible_activation(activation_op(e.name))]
+#: Every registered optimizer the flat path updates with one call per parameter group.
+ELEMENTWISE_OPTIMIZERS = [e.name for e in ge.get_plugin_manager().optimizers.entries()
+                          if e.obj.elementwise]
 
 
 class Watcher:
@@ -76,15 +89,38 @@ def test_a_fetched_intermediate_is_not_fused_away():
         np.testing.assert_allclose(out[name], expected[name], rtol=1e-6)
 
 
+def test_the_registry_derived_lists_hold_the_built_ins():
+    assert {"identity", "relu", "sigmoid", "tanh", "softmax"} <= set(FUSIBLE_ACTIVATIONS)
+    assert "leaky_relu" not in FUSIBLE_ACTIVATIONS  # its backward reads the pre-activation
+    assert {"sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"} <= set(ELEMENTWISE_OPTIMIZERS)
+
+
+def count_update_calls(model) -> list[tuple[int, ...]]:
+    """Record the shape of the parameter array of every optimizer update call on ``model``."""
+    shapes = []
+    update = model.optimizer.update
+
+    def counting(xp, param, grad, state, step):
+        shapes.append(tuple(param.shape))
+        update(xp, param, grad, state, step)
+
+    model.optimizer.update = counting
+    return shapes
+
+
 @pytest.mark.parametrize("activation", ["sigmoid", "relu", "tanh", "leaky_relu"])
-@pytest.mark.parametrize("optimizer", [("adam", {"lr": 0.01}), ("momentum", {"lr": 0.1}),
-                                       ("rmsprop", {"lr": 0.01}), ("sgd", {"lr": 0.1})])
+@pytest.mark.parametrize("optimizer", ELEMENTWISE_OPTIMIZERS)
 def test_fast_training_matches_the_node_by_node_reference(backend, activation, optimizer):
-    fast, slow = mlp(activation, optimizer, backend), mlp(activation, optimizer, backend)
+    # lr 0.05: steps large enough that a wrong update would show in every optimizer
+    fast, slow = (mlp(activation, (optimizer, {"lr": 0.05}), backend) for _ in range(2))
     slow.observers.append(Watcher())
+    fast_updates = count_update_calls(fast)
     data = feeds()
     for _ in range(4):
         assert fast.train_step(data) == pytest.approx(slow.train_step(data), rel=1e-6)
+    # the fast model really took the flat path: one call per step over all parameters at once
+    total = sum(int(np.prod(p.shape)) for p in fast.parameters().values())
+    assert fast_updates == [(total,)] * 4
     got, want = host(fast, fast.parameters()), host(slow, slow.parameters())
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7)
@@ -122,8 +158,79 @@ def test_parameters_are_views_updated_in_place_and_state_is_per_parameter():
     assert not np.array_equal(weight, before)  # the caller's array is the model's
     state = model.optimizer_state["fc0/W"]
     assert state["m"].shape == weight.shape and state["t"] == 1
-    arrays = [*model.parameters().values(), *model.gradients().values(), state["m"], state["v"]]
-    assert {a.dtype for a in arrays} == {np.dtype("float32")}  # no accidental upcast
+
+
+def small_cnn(backend: str) -> tuple[ge.Model, dict[str, np.ndarray]]:
+    g = ge.Graph("cnn")
+    x = g.input("x", (None, 1, 6, 6))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.activation("relu", g.layer("conv2d", x, filters=3, kernel_size=3, padding=1, name="conv1"))
+    h = g.layer("max_pool2d", h, kernel_size=2)
+    h = g.activation("relu", g.layer("conv2d", h, filters=4, kernel_size=3, stride=2, name="conv2"))
+    h = g.layer("avg_pool2d", h, kernel_size=1)
+    logits = g.layer("dense", g.layer("flatten", h), units=3, name="out")
+    model = g.compile(g.loss("softmax_cross_entropy", logits, y), optimizer=ge.optimizer("adam"),
+                      backend=backend, seed=3)
+    rng = np.random.default_rng(0)
+    return model, {"x": rng.standard_normal((4, 1, 6, 6)).astype(np.float32), "y": rng.integers(0, 3, 4)}
+
+
+def small_lstm(backend: str) -> tuple[ge.Model, dict[str, np.ndarray]]:
+    g = ge.Graph("lstm")
+    x = g.input("x", (None, 5, 3))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.layer("lstm", x, units=4, return_sequences=True, name="lstm1")
+    h = g.layer("lstm", h, units=4, name="lstm2")
+    logits = g.layer("dense", h, units=3, name="out")
+    model = g.compile(g.loss("softmax_cross_entropy", logits, y), optimizer=ge.optimizer("adam"),
+                      backend=backend, seed=3)
+    rng = np.random.default_rng(0)
+    return model, {"x": rng.standard_normal((4, 5, 3)).astype(np.float32), "y": rng.integers(0, 3, 4)}
+
+
+def small_mlp(backend: str) -> tuple[ge.Model, dict[str, np.ndarray]]:
+    return mlp(backend=backend), feeds()
+
+
+class DtypeRecorder(Watcher):
+    """Collects the dtype of every forward value, gradient and updated parameter, by node."""
+
+    def __init__(self) -> None:
+        self.dtypes: dict[str, set[np.dtype]] = {}
+
+    def _add(self, what: str, array) -> None:
+        if array is not None:
+            self.dtypes.setdefault(what, set()).add(np.dtype(array.dtype))
+
+    def on_forward(self, model, step, args, value):
+        self._add(f"value of {step.name}", value)
+
+    def on_backward(self, model, step, grad, input_grads):
+        self._add(f"gradient into {step.name}", grad)
+        for i, g in enumerate(input_grads):
+            self._add(f"gradient {i} out of {step.name}", g)
+
+    def on_update(self, model, name, before, after):
+        self._add(f"updated {name}", after)
+
+
+@pytest.mark.parametrize("network", [small_mlp, small_cnn, small_lstm], ids=["mlp", "cnn", "lstm"])
+def test_float32_stays_float32_end_to_end(backend, network):
+    model, data = network(backend)
+    recorder = DtypeRecorder()
+    model.observers.append(recorder)
+    model.train_step(data)  # node by node: every value and gradient passes the recorder
+    model.observers.remove(recorder)
+    model.train_step(data)  # the fast path: fused steps, flat update
+    arrays = {**{f"parameter {n}": a for n, a in model.parameters().items()},
+              **{f"gradient of {n}": a for n, a in model.gradients().items()},
+              **{f"{key} of {n}": a for n, state in model.optimizer_state.items()
+                 for key, a in state.items() if hasattr(a, "dtype")}}
+    assert any(name.startswith("value of") for name in recorder.dtypes)
+    assert any(name.startswith("m of") for name in arrays)  # Adam's moments are checked too
+    dtypes = {**recorder.dtypes, **{name: {np.dtype(a.dtype)} for name, a in arrays.items()}}
+    upcast = {name: found for name, found in dtypes.items() if found != {np.dtype("float32")}}
+    assert upcast == {}  # no accidental upcast anywhere
 
 
 def test_replacing_optimizer_state_is_picked_up():
@@ -160,15 +267,13 @@ def test_frozen_layers_and_input_gradients_still_work():
     np.testing.assert_allclose(model.input_gradient("x"), reference.input_gradient("x"), rtol=1e-5)
 
 
-def test_fused_dense_backward_passes_the_gradient_check(backend):
-    g = ge.Graph()
-    x = g.input("x", (None, 3), dtype="float64")
-    relu = g.activation("tanh", x)
-    activation = g.nodes[relu.name].op
+@pytest.mark.parametrize("activation", [*FUSIBLE_ACTIVATIONS, None])
+def test_fused_dense_backward_passes_the_gradient_check(backend, activation):
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal((4, 3)), rng.standard_normal((3, 2)), rng.standard_normal(2)]
-    check_backward(lambda: FusedDense(("m", "a", "t"), activation), inputs, backend=backend)
-    check_backward(lambda: FusedDense(("m", "a"), None), inputs, backend=backend)
+    op = None if activation is None else activation_op(activation)
+    nodes = ("m", "a") if activation is None else ("m", "a", activation)
+    check_backward(lambda: FusedDense(nodes, op), inputs, backend=backend)
 
 
 def test_profile_reports_every_step_with_time_and_memory():

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -134,18 +135,43 @@ def test_strict_plugins_makes_failures_fatal(monkeypatch):
         PluginManager().load()
 
 
-def test_disabled_plugin_is_never_imported(monkeypatch):
-    imported = []
-    monkeypatch.setitem(sys.modules, "tripwire", None)
-    tripwire = importlib.metadata.EntryPoint("tripwire", "tripwire", "graphengine")
-    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kw: [tripwire])
+PLUGIN_MODULES = ("tripwire_plugin", "harmless_plugin")
+
+
+@pytest.fixture
+def import_log(tmp_path, monkeypatch) -> Iterator[list[str]]:
+    """Plugin modules on disk (``PLUGIN_MODULES``) that append their name to the yielded list
+    when imported."""
+    log: list[str] = []
+    monkeypatch.setitem(sys.modules, "plugin_import_log", _module("plugin_import_log", imported=log))
+    for name in PLUGIN_MODULES:
+        (tmp_path / f"{name}.py").write_text(
+            "import graphengine as ge\n"
+            "import plugin_import_log\n"
+            "plugin_import_log.imported.append(__name__)\n\n\n"
+            "@ge.hookimpl\n"
+            "def graphengine_register_initializers(register):\n"
+            "    register(__name__.replace('_plugin', '_init'), lambda rng, shape, fan_in, fan_out: 0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield log
+    for name in PLUGIN_MODULES:
+        sys.modules.pop(name, None)
+
+
+def test_disabled_plugin_is_never_imported(monkeypatch, import_log):
+    points = [importlib.metadata.EntryPoint(name, f"{name}_plugin", "graphengine")
+              for name in ("tripwire", "harmless")]
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kw: points)
     monkeypatch.setenv("GRAPHENGINE_DISABLE_PLUGINS", "tripwire, other")
     manager = PluginManager()
     manager.load()
-    assert manager.report() == [{"name": "tripwire", "distribution": None, "version": None,
-                                 "module": "tripwire", "registered": {}, "error": None,
-                                 "disabled": True}]
-    assert imported == []
+    # the enabled one proves the log works: it was imported and registered
+    assert import_log == ["harmless_plugin"]
+    assert "tripwire_plugin" not in sys.modules
+    assert manager.initializers.names() == ["harmless_init"]
+    assert {r["name"]: r for r in manager.report()}["tripwire"] == {
+        "name": "tripwire", "distribution": None, "version": None, "module": "tripwire_plugin",
+        "registered": {}, "error": None, "disabled": True}
 
 
 def test_misspelled_hook_is_caught():

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 
+import matplotlib
 import numpy as np
 import pytest
 
@@ -16,6 +18,11 @@ from viz.render import GraphvizMissingError, render, to_dot
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz 'dot' is not installed")
 ATTR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^\s\]]+)')
+DOT_NODE = re.compile(r"^\s+(n\d+|L\d+|legend) \[", re.M)
+#: a colour cell of the legend: its fill and its decade (1e-3 -> -3)
+LEGEND_CELL = re.compile(r'<TD BGCOLOR="(#[0-9a-f]{6})" WIDTH="30"><FONT [^>]*>1e(-?\d+)<')
+#: viridis as the renderer writes its colours: 256 entries, each channel rounded to 0..255
+VIRIDIS = np.round(255 * matplotlib.colormaps["viridis"](np.linspace(0, 1, 256))[:, :3]).astype(int)
 
 
 def batch(n: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
@@ -43,6 +50,14 @@ def edge_attrs(source: str, model: ge.Model, tail: str, head: str) -> dict[str, 
     return {k: v.strip('"') for k, v in ATTR.findall(line.split("[", 1)[1])}
 
 
+def viridis_position(fill: str) -> int:
+    """Where a ``#rrggbb`` fill lies on viridis, 0 (dark purple) to 255 (yellow)."""
+    rgb = np.array([int(fill[i:i + 2], 16) for i in (1, 3, 5)])
+    (matches,) = np.nonzero((VIRIDIS == rgb).all(axis=1))
+    assert len(matches), f"{fill} is not a viridis colour"
+    return int(matches[0])
+
+
 def test_dot_marks_vanishing_nodes_twice_with_colour_and_tooltips():
     model = captured()
     diagnosis = diagnose(model)
@@ -54,7 +69,7 @@ def test_dot_marks_vanishing_nodes_twice_with_colour_and_tooltips():
     # labels: name, shape, parameter count, gradient RMS
     assert weak["label"].startswith("W\\n(64, 32) · 2,048 params\\ngrad rms ")
     # fill on viridis: the weak gradient dark (low end), the strong one light
-    assert weak["fillcolor"] != strong["fillcolor"]
+    assert viridis_position(weak["fillcolor"]) < viridis_position(strong["fillcolor"])
     assert weak["fontcolor"] == "white" and strong["fontcolor"] == "black"
     # tooltips carry the exact numbers
     stats = diagnosis.nodes["fc1/W"].stats
@@ -65,6 +80,29 @@ def test_dot_marks_vanishing_nodes_twice_with_colour_and_tooltips():
     assert re.search(r'subgraph cluster_fc1 \{\n\s+.*label="fc1 · dense · 2,080 params\\n\[VANISHING', source)
     assert "fill: gradient RMS (log scale)" in source and "[VANISHING] dashed border" in source
     assert 'rankdir=TB' in source
+
+
+def test_fill_moves_along_viridis_with_the_gradient_rms_as_the_legend_says():
+    model = captured()
+    source = to_dot(model).source
+    rms = {name: health.stats.grad_rms for name, health in diagnose(model).nodes.items()
+           if health.stats.grad_rms is not None and model.graph.nodes[name].shape}
+    assert len(rms) > 30 and max(rms.values()) > 1e4 * min(rms.values())
+    position = {name: viridis_position(node_attrs(source, model, name)["fillcolor"]) for name in rms}
+    by_gradient = sorted(rms, key=rms.get)
+    # a larger gradient is never drawn further back on the scale, and the scale is used end to end
+    assert [position[n] for n in by_gradient] == sorted(position.values())
+    assert position[by_gradient[0]] < 32 and position[by_gradient[-1]] > 224
+    # the legend: whole decades, dark to light, spanning every drawn gradient...
+    cells = LEGEND_CELL.findall(source)
+    decades = [int(exponent) for _, exponent in cells]
+    ticks = [viridis_position(fill) for fill, _ in cells]
+    assert decades == sorted(decades) and ticks == sorted(ticks) and len(set(ticks)) == len(ticks)
+    assert decades[0] <= math.log10(min(rms.values())) and decades[-1] >= math.log10(max(rms.values()))
+    # ...and each node's colour lies between those of the decades around its gradient
+    for name, value in rms.items():
+        below = max(i for i, d in enumerate(decades) if d <= math.log10(value))
+        assert ticks[below] <= position[name] <= ticks[min(below + 1, len(ticks) - 1)], name
 
 
 def test_nodes_without_gradient_stay_grey():
@@ -174,19 +212,39 @@ def test_renders_svg_png_pdf(tmp_path):
     stats = diagnose(model).nodes["fc1/W"].stats
     svg = render(model, tmp_path / "g.svg").read_text()
     assert f"gradient RMS {stats.grad_rms:.3e}" in svg.replace("&#45;", "-")
-    assert (tmp_path / "g.png").exists() is False
+    # every node of the DOT source is drawn, and the source itself is not left behind
+    drawn = set(re.findall(r'<g id="node\d+" class="node">\s*<title>([^<]+)</title>', svg))
+    assert drawn == set(DOT_NODE.findall(to_dot(model).source))
+    assert [p.name for p in tmp_path.iterdir()] == ["g.svg"]
     assert render(model, tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert render(model, tmp_path / "g.pdf", forward_only=True).read_bytes()[:5] == b"%PDF-"
-    assert not (tmp_path / "g.gv").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.pdf", "g.png", "g.svg"]
     render(model, tmp_path / "kept.svg", keep_source=True)
     assert (tmp_path / "kept.gv").exists()
 
 
-@needs_dot
-def test_a_large_graph_renders(tmp_path):
+@pytest.fixture(scope="module")
+def large_model() -> ge.Model:
     model, _ = residual_sigmoid(blocks=12)
-    assert len(model.graph.nodes) >= 60
     GradientMonitor().capture(model, batch())
-    png = render(model, tmp_path / "large.png")
-    width, height = np.frombuffer(png.read_bytes()[16:24], dtype=">u4")
+    return model
+
+
+def test_a_large_graph_draws_every_node_with_its_label(large_model):
+    nodes = large_model.graph.nodes
+    assert len(nodes) >= 60
+    source = to_dot(large_model).source
+    assert len(DOT_NODE.findall(source)) == len(nodes) + 1  # and the legend
+    for name in nodes:
+        # first line: the name within its layer's box, then ": kind" where the name does not say it
+        first_line = node_attrs(source, large_model, name)["label"].split("\\n")[0]
+        assert first_line.split(": ")[0] == name.rsplit("/", 1)[-1], (name, first_line)
+
+
+@needs_dot
+def test_a_large_graph_renders(large_model, tmp_path):
+    png = render(large_model, tmp_path / "large.png")
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = np.frombuffer(data[16:24], dtype=">u4")
     assert width > 500 and height > 2000
