@@ -71,6 +71,14 @@ class Plan:
     def names(self) -> list[str]:
         return list(self.slots)
 
+    @property
+    def parameter_slots(self) -> tuple[tuple[str, int], ...]:
+        """(name, slot) of each parameter, for the gradients after every backward."""
+        cached = self.__dict__.get("_parameter_slots")
+        if cached is None:
+            cached = self.__dict__["_parameter_slots"] = tuple((n, self.slots[n]) for n in self.parameters)
+        return cached
+
     def programs(self) -> tuple[list[tuple], list[tuple]]:
         """The steps with their operators' methods bound once, for the step loops: forward
         ``(forward, out, args, release)``, backward ``(backward, out, kept_args, kept_out,

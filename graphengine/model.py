@@ -121,6 +121,7 @@ class Model:
         #: Observers see values and gradients during steps they ask for (statistics, debug).
         self.observers: list[Any] = []
         self.frozen: set[str] = set()
+        self._trainable_cache: tuple[frozenset[str] | None, tuple[str, ...]] = (None, ())
         self._plans: dict[Any, Plan] = {}
         self._flat: FlatParameters | None = None
         self._values: list[Any] = []
@@ -184,20 +185,23 @@ class Model:
             param[...] = self.backend.asarray(value, dtype=param.dtype)
 
     def trainable_parameters(self) -> list[str]:
-        return [n for n in self._params
-                if self.graph.nodes[n].op.trainable and n not in self.frozen]
+        """Names of the parameters the optimizer updates: trainable and not frozen."""
+        return list(self._trainable_names())
+
+    def _trainable_names(self) -> tuple[str, ...]:
+        # Cached while the frozen set stays the same: step() asks on every update.
+        frozen = frozenset(self.frozen)
+        if self._trainable_cache[0] != frozen:
+            self._trainable_cache = frozen, tuple(
+                n for n in self._params if self.graph.nodes[n].op.trainable and n not in frozen)
+        return self._trainable_cache[1]
 
     def gradients(self) -> dict[str, Any]:
         """Parameter name -> gradient from the last backward (absent where none flowed)."""
-        plan = self._plan
-        if plan is None or not self._grads:
+        plan, grads = self._plan, self._grads
+        if plan is None or not grads:
             return {}
-        out = {}
-        for name in self._params:
-            slot = plan.slots.get(name)
-            if slot is not None and self._grads[slot] is not None:
-                out[name] = self._grads[slot]
-        return out
+        return {name: grads[slot] for name, slot in plan.parameter_slots if grads[slot] is not None}
 
     def input_gradient(self, name: str) -> Any:
         """The gradient of the loss with respect to input ``name`` (after ``backward(wrt=...)``)."""
@@ -526,20 +530,20 @@ class Model:
         grads = self.gradients()
         for transform in self.gradient_transforms:
             transform(self, grads)
+        params = self._params
         for name, grad in grads.items():  # all checked before any parameter changes
-            shape = tuple(self._params[name].shape)
-            if tuple(grad.shape) != shape:
+            if grad.shape != params[name].shape:
                 raise ShapeError(f"the gradient of parameter {name!r} has shape {tuple(grad.shape)}, "
-                                 f"the parameter {shape}: an operator's backward or a gradient "
-                                 f"transform returned a wrong shape; set model.debug = True to "
-                                 f"find the operator")
+                                 f"the parameter {tuple(params[name].shape)}: an operator's "
+                                 f"backward or a gradient transform returned a wrong shape; set "
+                                 f"model.debug = True to find the operator")
         self.step_count += 1
         xp = self.xp
         observers = self._observers()
-        names = self.trainable_parameters()
+        names = self._trainable_names()
         # Unobserved, elementwise optimizers update whole flat groups at once.
         done = self._flat.update(self, names, grads, observed=bool(observers))
-        for name in names:
+        for name in names if len(done) < len(names) else ():
             grad = grads.get(name)
             if grad is None or name in done:
                 continue
