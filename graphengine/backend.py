@@ -1,8 +1,9 @@
 """The backend contract: where arrays live and which array module computes on them.
 
 Operators never import numpy for array math; they receive ``xp``, the backend's array
-namespace (numpy's or cupy's functions plus a few helpers such as ``scatter_add``), the way
-Chainer's ``get_array_module`` works. Concrete backends are plugins (see ``plugins/backends.py``).
+namespace (numpy's or cupy's functions plus ``scatter_add(target, indices, values)`` and an
+``errstate(**kwargs)`` context manager, as NumPy's), the way Chainer's ``get_array_module``
+works. Concrete backends are plugins (see ``plugins/backends.py``).
 """
 
 from __future__ import annotations

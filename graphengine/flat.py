@@ -17,6 +17,7 @@ time while observers watched) is gathered back into the flat state first.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from operator import is_
 from typing import Any
 
 #: Elements per optimizer call. An update over a large flat array makes temporaries of the
@@ -53,6 +54,12 @@ class FlatGroup:
         for name in names:
             self.param_views[name][...] = params[name]
             params[name] = self.param_views[name]
+        # The checks before each update compare identities member by member; in name order as
+        # lists, they run as map(is_, ...) without a Python frame per member.
+        self.name_set = frozenset(names)
+        self.param_view_list = [self.param_views[n] for n in names]
+        self.grad_view_list = [self.grad_views[n] for n in names] if own_grad else []
+        self.installed_list: list[dict[str, Any]] = []
         #: The optimizer state of the whole group (flat arrays and scalars), once there is one.
         self.state: dict[str, Any] | None = None
         #: What this group put in ``model.optimizer_state``: per parameter, views and scalars.
@@ -67,24 +74,27 @@ class FlatGroup:
         return {n: flat[a:b].reshape(self.shapes[n]) for n, (a, b) in self.bounds.items()}
 
     def ready(self, params: Mapping[str, Any], grads: Mapping[str, Any]) -> bool:
-        return all(params[n] is self.param_views[n] and n in grads for n in self.names)
+        """Every member still the buffer's view, and every member with a gradient."""
+        return grads.keys() >= self.name_set and all(
+            map(is_, map(params.__getitem__, self.names), self.param_view_list))
 
     def flat_grad(self, xp: Any, grads: Mapping[str, Any]) -> Any:
         """The members' gradients as one flat array (copied in where a step did not write them
         into the buffer already)."""
         if self.grad is None:
             return xp.reshape(grads[self.names[0]], (-1,))
-        for name, view in self.grad_views.items():
-            grad = grads[name]
-            if grad is not view:
-                view[...] = grad
+        members = list(map(grads.__getitem__, self.names))
+        if not all(map(is_, members, self.grad_view_list)):
+            for grad, view in zip(members, self.grad_view_list):
+                if grad is not view:
+                    view[...] = grad
         return self.grad
 
     def sync_state(self, xp: Any, optimizer: Any, states: dict[str, dict[str, Any]]) -> bool:
         """Make ``self.state`` the members' current optimizer state. False where it cannot be
         one flat state: members updated a different number of times, say."""
         if self.state is not None and not self.dirty and all(
-                states.get(n) is self.installed[n] for n in self.names):
+                map(is_, map(states.get, self.names), self.installed_list)):
             return True
         if not any(n in states for n in self.names):
             self.state = optimizer.init_state(xp, self.param)
@@ -116,6 +126,7 @@ class FlatGroup:
         for name in self.names:
             states[name] = self.installed[name] = {key: views[key][name] if key in views else value
                                                    for key, value in self.state.items()}
+        self.installed_list = [self.installed[n] for n in self.names]
         chunk = self.chunk
         self.chunks = [(a, self.param[a:a + chunk],
                         {key: value[a:a + chunk] for key, value in arrays.items()})

@@ -1,5 +1,12 @@
 """Model: a compiled graph with numbers. Runs plans forward and backward, owns parameters,
-gradients and optimizer state."""
+gradients and optimizer state.
+
+OVERFLOW: operators run with floating-point overflow warnings off. Several stable formulas
+overflow on purpose (``sigmoid = 1 / (1 + exp(-x))`` is exactly 0 where ``exp`` gives inf), and
+one warning context per pass costs less than one per operator call. An overflow that matters
+shows as inf or NaN in the loss or the gradients, which ``fit`` checks, and debug mode names the
+node that made it; NumPy's warning would name no node.
+"""
 
 from __future__ import annotations
 
@@ -379,22 +386,23 @@ class Model:
         plan = _executed(plan, not observers)
         step = None
         try:
-            if not observers:
-                get = values.__getitem__
-                # ``step`` names the node in the error report below
-                for step, (forward, out, args, release) in zip(plan.steps, plan.programs()[0]):  # noqa: B007
-                    values[out] = forward(xp, *map(get, args))
-                    for slot in release:
+            with xp.errstate(over="ignore"):  # see OVERFLOW in the module docstring
+                if not observers:
+                    get = values.__getitem__
+                    # ``step`` names the node in the error report below
+                    for step, (forward, out, args, release) in zip(plan.steps, plan.programs()[0]):  # noqa: B007
+                        values[out] = forward(xp, *map(get, args))
+                        for slot in release:
+                            values[slot] = None
+                    return
+                for step in plan.steps:
+                    args = [values[a] for a in step.args]
+                    value = step.op.forward(xp, *args)
+                    for observer in observers:
+                        observer.on_forward(self, step, args, value)
+                    values[step.out] = value
+                    for slot in step.release:
                         values[slot] = None
-                return
-            for step in plan.steps:
-                args = [values[a] for a in step.args]
-                value = step.op.forward(xp, *args)
-                for observer in observers:
-                    observer.on_forward(self, step, args, value)
-                values[step.out] = value
-                for slot in step.release:
-                    values[slot] = None
         except Exception as exc:
             if step is None:
                 raise
@@ -416,31 +424,32 @@ class Model:
         step = None
         get = values.__getitem__
         try:
-            for bstep, (backward, out, kept_args, kept_out, grad_to, release) in zip(
-                    plan.backward, plan.programs()[1]):
-                grad = grads[out]
-                if grad is None:
-                    continue
-                step = bstep.step
-                # slot -1 reads the spare None at the end of ``values`` (see _prepare)
-                input_grads = backward(xp, tuple(map(get, kept_args)), values[kept_out], grad)
-                for observer in observers:
-                    observer.on_backward(self, step, grad, input_grads)
-                for slot, g in zip(grad_to, input_grads, strict=True):
-                    if slot < 0 or g is None:
+            with xp.errstate(over="ignore"):  # see OVERFLOW in the module docstring
+                for bstep, (backward, out, kept_args, kept_out, grad_to, release) in zip(
+                        plan.backward, plan.programs()[1]):
+                    grad = grads[out]
+                    if grad is None:
                         continue
-                    previous = grads[slot]
-                    if previous is None:
-                        grads[slot] = g
-                    elif slot in owned:
-                        previous += g
-                    else:
-                        grads[slot] = previous + g
-                        owned.add(slot)
-                if out != loss_slot:
-                    grads[out] = None
-                for slot in release:
-                    values[slot] = None
+                    step = bstep.step
+                    # slot -1 reads the spare None at the end of ``values`` (see _prepare)
+                    input_grads = backward(xp, tuple(map(get, kept_args)), values[kept_out], grad)
+                    for observer in observers:
+                        observer.on_backward(self, step, grad, input_grads)
+                    for slot, g in zip(grad_to, input_grads, strict=True):
+                        if slot < 0 or g is None:
+                            continue
+                        previous = grads[slot]
+                        if previous is None:
+                            grads[slot] = g
+                        elif slot in owned:
+                            previous += g
+                        else:
+                            grads[slot] = previous + g
+                            owned.add(slot)
+                    if out != loss_slot:
+                        grads[out] = None
+                    for slot in release:
+                        values[slot] = None
         except Exception as exc:
             if step is None:
                 raise

@@ -16,12 +16,12 @@ from graphengine.operators import TensorSpec, require_float, same_dtype
 
 
 def sigmoid(xp: Any, x: Any) -> Any:
-    """``1 / (1 + exp(-x))`` in one buffer. An exp that overflows (x < -88 in float32) gives
-    inf and so exactly 0, the right value: only the warning is silenced. Faster than the tanh
-    form ``(tanh(x / 2) + 1) / 2`` (1.5-2x on CPUs where NumPy's tanh is not vectorized)."""
+    """``1 / (1 + exp(-x))`` in one buffer, 1.5-2x faster than the tanh form ``(tanh(x / 2) +
+    1) / 2`` on CPUs where NumPy's tanh is not vectorized. An exp that overflows (x < -88 in
+    float32) gives inf and so exactly 0, the right value; models run operators with overflow
+    warnings off (see graphengine.model)."""
     y = xp.negative(x, out=xp.empty_like(x))  # an array even for a 0-d x, for the out= below
-    with xp.errstate(over="ignore"):
-        xp.exp(y, out=y)
+    xp.exp(y, out=y)
     y += 1
     return xp.reciprocal(y, out=y)
 

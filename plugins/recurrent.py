@@ -13,7 +13,8 @@ operations on contiguous memory:
 - each step is one matrix product ``U^T h`` for all gates at once;
 - sigmoid gates are computed as ``1 / (1 + exp(-z))``, 1.5-2x faster than the tanh form on
   CPUs where NumPy's tanh is not vectorized; the sign is folded into the kernels once per call
-  (``scales``), and an exp that overflows gives exactly 0, the right value;
+  (``scales``), and an exp that overflows gives exactly 0, the right value (models run
+  operators with overflow warnings off);
 - the weight gradients are one matrix product each over all steps after the loop.
 
 ``reverse=True`` runs from the last step to the first (the backward half of a bidirectional
@@ -34,8 +35,8 @@ from graphengine.operators import TensorSpec, require_float, same_dtype
 
 
 def _sigmoid_of_negated(xp: Any, negated: Any) -> None:
-    """In place: ``negated`` holds ``-z`` and becomes ``sigmoid(z)`` (inside ``errstate``, for
-    the exp that overflows to inf where sigmoid is 0)."""
+    """In place: ``negated`` holds ``-z`` and becomes ``sigmoid(z)`` (an exp that overflows gives
+    inf, and exactly 0; models run operators with overflow warnings off)."""
     xp.exp(negated, out=negated)
     negated += 1
     xp.reciprocal(negated, out=negated)
@@ -122,9 +123,8 @@ class Recurrent(ge.Operator):
         projection = xp.matmul(kernel, inputs.transpose(1, 0, 2))  # (time, gates*units, batch)
         hidden = xp.empty((steps + 1, units, batch), dtype=x.dtype)
         hidden[0] = initial[0].T if initial else 0
-        with xp.errstate(over="ignore"):
-            self.run(xp, projection, hidden, xp.ascontiguousarray(u.T * scale), extras,
-                     tuple(s.T for s in initial[1:]))
+        self.run(xp, projection, hidden, xp.ascontiguousarray(u.T * scale), extras,
+                 tuple(s.T for s in initial[1:]))
         self.inputs, self.hidden, self.w, self.u, self.initial_states = (
             inputs, hidden, w, u, len(initial))
         if not self.return_sequences:
