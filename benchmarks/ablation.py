@@ -47,6 +47,18 @@ def no_gradient_buffers(model):
                 bstep.step.op.grad_out = (None, None)
 
 
+def no_early_release(model):
+    """Every intermediate lives until the step ends, as without the plan's liveness analysis."""
+    for plan in model._plans.values():
+        for variant in (plan, plan.fast):
+            for step in variant.steps if variant else ():
+                step.release = ()
+            for bstep in variant.backward if variant else ():
+                bstep.release = ()
+            if variant:
+                variant.__dict__.pop("_programs", None)
+
+
 def no_feed_cache(model):
     def load(plan, feeds, values):
         plan.feed_signature = None
@@ -61,6 +73,7 @@ VARIANTS = {
     "flat, unchunked": [unchunked],
     "no grad buffers": [no_gradient_buffers],
     "no feed cache": [no_feed_cache],
+    "no early release": [no_early_release],
     "none": [no_fusion, no_flat_update, no_feed_cache],
 }
 

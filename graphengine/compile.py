@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 import networkx as nx
 
 from .errors import CompileError
-from .fusion import FusedDense, backward_parts, fuse_dense
+from .fusion import backward_parts, fuse_dense
 from .operators import Constant, Input, Operator, Parameter, TensorSpec
 
 
@@ -44,6 +44,11 @@ class BackwardStep:
     grad_to: tuple[int, ...]
     #: Retained values this step was the last backward reader of: released after it.
     release: tuple[int, ...] = ()
+
+    @property
+    def wanted(self) -> tuple[bool, ...]:
+        """For each argument: whether the plan uses its gradient (``Operator.wanted``)."""
+        return tuple(slot >= 0 for slot in self.grad_to)
 
 
 @dataclass
@@ -81,15 +86,15 @@ class Plan:
 
     def programs(self) -> tuple[list[tuple], list[tuple]]:
         """The steps with their operators' methods bound once, for the step loops: forward
-        ``(forward, out, args, release)``, backward ``(backward, out, kept_args, kept_out,
-        grad_to, release)``. Cached outside the dataclass fields, so a ``replace``d copy of the
-        plan (with other operators) builds its own."""
+        ``(forward, out, args, release)``, backward ``(op, backward, out, kept_args, kept_out,
+        grad_to, wanted, release)``. Cached outside the dataclass fields, so a ``replace``d copy
+        of the plan (with other operators) builds its own."""
         cached = self.__dict__.get("_programs")
         if cached is None:
             cached = self.__dict__["_programs"] = (
                 [(s.op.forward, s.out, s.args, s.release) for s in self.steps],
-                [(b.step.op.backward, b.step.out, b.kept_args, b.kept_out, b.grad_to, b.release)
-                 for b in self.backward])
+                [(b.step.op, b.step.op.backward, b.step.out, b.kept_args, b.kept_out, b.grad_to,
+                  b.wanted, b.release) for b in self.backward])
         return cached
 
 
@@ -157,9 +162,6 @@ def build_plan(graph, targets: Iterable[str], *, loss: str | None = None,
         fused = fuse_dense(graph, steps, {*targets, *keep}, make_step)
         if len(fused) < len(steps):
             plan.fast = schedule([replace(s) for s in fused])  # copies: releases differ
-            for bstep in plan.fast.backward:
-                if isinstance(bstep.step.op, FusedDense):
-                    bstep.step.op.wanted = tuple(slot >= 0 for slot in bstep.grad_to)
     return plan
 
 

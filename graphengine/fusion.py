@@ -33,8 +33,6 @@ class FusedDense(Operator):
         self.activation_op = activation
         self.activation = activation.activation if activation is not None else None
         self.retain_output = activation is not None and activation.retain_output
-        #: Which input gradients backward computes (x, W, b); set once the backward is planned.
-        self.wanted = (True, True, True)
         #: Arrays that backward writes the gradients of W and b into (the model's flat gradient
         #: buffer), or None to allocate them.
         self.grad_out: tuple[Any, Any] = (None, None)
@@ -50,7 +48,7 @@ class FusedDense(Operator):
     def backward(self, xp, inputs, output, grad):
         x, w = inputs[0], inputs[1]
         dz = grad if self.activation is None else self.activation.backward(xp, None, output, grad)
-        want_x, want_w, want_b = self.wanted
+        want_x, want_w, want_b = map(self.grad_wanted, range(3))
         out_w, out_b = self.grad_out
         grad_w = grad_b = None
         if want_w:

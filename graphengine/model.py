@@ -425,12 +425,14 @@ class Model:
         get = values.__getitem__
         try:
             with xp.errstate(over="ignore"):  # see OVERFLOW in the module docstring
-                for bstep, (backward, out, kept_args, kept_out, grad_to, release) in zip(
+                for bstep, (op, backward, out, kept_args, kept_out, grad_to, wanted, release) in zip(
                         plan.backward, plan.programs()[1]):
                     grad = grads[out]
                     if grad is None:
                         continue
                     step = bstep.step
+                    # Per call: an operator instance can serve several plans (with wrt= or not).
+                    op.wanted = wanted
                     # slot -1 reads the spare None at the end of ``values`` (see _prepare)
                     input_grads = backward(xp, tuple(map(get, kept_args)), values[kept_out], grad)
                     for observer in observers:

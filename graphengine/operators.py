@@ -53,6 +53,14 @@ class Operator:
     training: bool = True
     #: Set by the model for operators that draw random numbers (``backend.make_rng``).
     rng: Any = None
+    #: Set by the model before each ``backward``: for each input, whether the plan uses its
+    #: gradient (PyTorch's ``needs_input_grad``); empty means all are. ``backward`` may skip the
+    #: work for the others and return None there (the first layer's input gradient, say).
+    wanted: tuple[bool, ...] = ()
+
+    def grad_wanted(self, index: int) -> bool:
+        """Whether the gradient of input ``index`` is used (see ``wanted``)."""
+        return index >= len(self.wanted) or self.wanted[index]
 
     def config(self) -> dict[str, Any]:
         """The keyword arguments that rebuild this operator (shown in diagrams, saved in files)."""
@@ -281,9 +289,9 @@ class MatMul(Operator):
     def backward(self, xp, inputs, output, grad):
         a, b = inputs
         if b.ndim == 2:
-            grad_a = grad @ b.T
+            grad_a = grad @ b.T if self.grad_wanted(0) else None
             k, n = b.shape
-            grad_b = a.reshape(-1, k).T @ grad.reshape(-1, n)
+            grad_b = a.reshape(-1, k).T @ grad.reshape(-1, n) if self.grad_wanted(1) else None
             return grad_a, grad_b
         grad_a = grad @ xp.swapaxes(b, -1, -2)
         grad_b = xp.swapaxes(a, -1, -2) @ grad

@@ -219,6 +219,9 @@ class Conv2D(ge.Operator):
         grad_kernel = self.cols.T @ grad_rows
         grad_w = xp.ascontiguousarray(
             grad_kernel[:depth].reshape(kh, kw, channels, filters).transpose(3, 2, 0, 1))
+        grad_b = grad_kernel[depth] if self.has_bias else None
+        if not self.grad_wanted(0):  # the first layer's: the image's gradient is rarely asked for
+            return (None, grad_w, grad_b)[:2 + self.has_bias]
         # Each tap's share of the input gradient comes out of its own small product, so that it
         # is a contiguous (N, out_h, out_w, C) block: adding it into the input's pixels then
         # runs over whole rows instead of C values at a time.
@@ -228,9 +231,7 @@ class Conv2D(ge.Operator):
             grad_padded[where] += (grad_rows @ tap_kernel.T).reshape(
                 grad.shape[0], *self.window.out_size, channels)
         grad_x = _channels_first(self.window.unpad(grad_padded))
-        if self.has_bias:
-            return grad_x, grad_w, grad_kernel[depth]
-        return grad_x, grad_w
+        return (grad_x, grad_w, grad_b)[:2 + self.has_bias]
 
 
 # --------------------------------------------------------------------------- pooling

@@ -148,8 +148,11 @@ class Recurrent(ge.Operator):
         inputs = self.inputs.reshape(self.inputs.shape[0], -1)
         grad_wb = inputs @ flat_projection.T
         grad_u = _steps_as_columns(xp, self.hidden[:steps]) @ flat_recurrent.T
-        grad_x = (self.w @ flat_projection).reshape(-1, steps, batch)  # (features, time, batch)
-        grad_x = xp.ascontiguousarray((grad_x[:, ::-1] if self.reverse else grad_x).transpose(2, 1, 0))
+        grad_x = None
+        if self.grad_wanted(0):
+            grad_x = (self.w @ flat_projection).reshape(-1, steps, batch)  # (features, time, batch)
+            grad_x = xp.ascontiguousarray(
+                (grad_x[:, ::-1] if self.reverse else grad_x).transpose(2, 1, 0))
         grads = (grad_x, grad_wb[:-1], grad_u, grad_wb[-1], *grad_extras)
         return grads + tuple(xp.ascontiguousarray(s.T) for s in grad_states[:self.initial_states])
 

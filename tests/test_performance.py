@@ -75,8 +75,37 @@ def test_dense_chains_fuse_and_the_graph_keeps_its_nodes():
     # gradient with respect to the input (nobody needs it)
     parts = [b.step for b in plan.fast.backward]
     assert [p.name for p in parts[-2:]] == ["sigmoid_0", "fc0/add"]
-    assert parts[-1].op.wanted == (False, True, True)
-    assert parts[-3].op.wanted == (True, True, True)
+    assert plan.fast.backward[-1].wanted == (False, True, True)
+    assert plan.fast.backward[-3].wanted == (True, True, True)
+    model.forward(feeds())
+    model.backward()
+    assert parts[-1].op.wanted == (False, True, True)  # what the model told the operator
+
+
+def test_an_input_gradient_is_computed_only_where_the_plan_wants_it():
+    g = ge.Graph("conv")
+    x = g.input("x", (None, 1, 6, 6))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.activation("relu", g.layer("conv2d", x, filters=2, kernel_size=3, name="conv"))
+    loss = g.loss("softmax_cross_entropy", g.layer("dense", g.layer("flatten", h), units=3), y)
+    model = g.compile(loss, optimizer=ge.optimizer("sgd", lr=0.1))
+    conv = g.nodes["conv/conv2d"].op
+    seen = []
+    original = conv.backward
+
+    def backward(xp, inputs, output, grad):
+        grads = original(xp, inputs, output, grad)
+        seen.append(grads[0] is None)
+        return grads
+    conv.backward = backward
+    images = {"x": np.random.default_rng(0).standard_normal((4, 1, 6, 6)).astype(np.float32),
+              "y": np.arange(4) % 3}
+    model.forward(images)
+    model.backward()
+    assert seen == [True] and "x" not in model.gradients()
+    model.forward(images)
+    model.backward(wrt=["x"])
+    assert seen == [True, False] and model.input_gradient("x").shape == (4, 1, 6, 6)
 
 
 def test_a_fetched_intermediate_is_not_fused_away():
