@@ -1,6 +1,6 @@
 """Bad input gets a clear error, and nothing is lost.
 
-``CASES`` is the error table of docs/errors.md: each row triggers one mistake and checks the
+``CASES`` is the error table of the README: each row triggers one mistake and checks the
 error's class (always a GraphEngineError), an excerpt of its message, and that the message says
 what to do. ``test_the_error_table_documents_every_case`` keeps the documentation in step.
 The tests after the table check that a failed call leaves the graph, the model and the plugin
@@ -30,7 +30,7 @@ from graphengine.testing import isolated_plugin_manager
 # NaN and Inf are these tests' subject: NumPy's warnings about them are expected.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 X = np.linspace(-1, 1, 15, dtype=np.float32).reshape(5, 3)
 Y = np.array([0, 1, 2, 3, 0])
@@ -529,9 +529,9 @@ def test_error(case, monkeypatch, tmp_path, recwarn):
 
 
 def error_table() -> dict[str, list[str]]:
-    """Case id -> the other cells of its row (error, message, what to do) in docs/errors.md."""
+    """Case id -> the other cells of its row (error, message, what to do) in the README."""
     rows = {}
-    for line in DOC.read_text().splitlines():
+    for line in README.read_text().splitlines():
         match = re.fullmatch(r"\| `(\w+)` \| (.*) \|", line)
         cells = match[2].split(" | ") if match else []  # a pipe inside a cell is escaped: \|
         if len(cells) == 3:

@@ -190,7 +190,6 @@ def _units(model: Model, diagnosis: Diagnosis | None, collapse: list[str],
         owner[name] = uid
     for unit in units.values():  # by severity: the first flag sets the border
         unit.flags.sort(key=list(BORDERS).index)
-        unit.flags.sort(key=list(BORDERS).index)
     return units, owner
 
 
