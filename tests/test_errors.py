@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from payload import Payload
 
 import graphengine as ge
 from graphengine import serialize
@@ -376,16 +377,6 @@ def model_file_from_a_newer_version(mp, tmp_path):
         newer.setattr(serialize, "FORMAT_VERSION", serialize.FORMAT_VERSION + 1)
         classifier().save(path)
     ge.load(path)
-
-
-class Payload:
-    """Unpickling this would create the file ``marker``: code run by loading a model file."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def model_file_carrying_a_pickle(mp, tmp_path):

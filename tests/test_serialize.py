@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 from killing import REPO, kill_when_ready
+from payload import Payload
 
 import graphengine as ge
 from graphengine import serialize
@@ -80,16 +81,6 @@ def test_a_newer_format_version_asks_to_upgrade(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ge.SerializationError, match=r"format version 2.*newer.*pip install -U"):
         ge.load(path)
-
-
-class Payload:
-    """Unpickling this runs code: exactly what a model file must never be able to do."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def test_a_pickle_payload_is_rejected_without_running_it(tmp_path):
