@@ -67,6 +67,14 @@ def test_plugins_command_lists_the_example_package_as_json():
     assert "dense" in plugins["layers"]["registered"]["layers"]
 
 
+def test_plugins_command_piped_into_a_reader_that_leaves_early_is_no_error():
+    command = subprocess.Popen([sys.executable, "-m", "graphengine.cli", "plugins"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    command.stdout.close()  # the reader is gone before the listing is written, as after `| head`
+    stderr = command.stderr.read().decode()
+    assert command.wait() == 0 and "BrokenPipeError" not in stderr, stderr
+
+
 def _module(name: str, **attrs) -> types.ModuleType:
     module = types.ModuleType(name)
     module.__dict__.update(attrs)
