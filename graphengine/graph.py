@@ -486,6 +486,12 @@ def _check_shape(shape: Any, what: str) -> Shape:
     return tuple(None if d is None else int(d) for d in shape)
 
 
+def in_scope(name: str, pattern: str) -> bool:
+    """Whether node ``name`` is ``pattern`` itself or lies in the layer scope ``pattern``
+    (``"fc1"`` or ``"fc1/"`` holds ``"fc1/W"``, not ``"fc10/W"``)."""
+    return name == pattern or name.startswith(pattern.rstrip("/") + "/")
+
+
 def split_init(init: Any, what: str) -> tuple[str, dict[str, Any]]:
     """A parameter's ``init`` (an initializer name, or ``{"name": ..., **config}``) as the
     initializer's name and its config."""

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .backend import Backend
-from .base import LossOp, Optimizer
+from .base import LossOp, Optimizer, fans
 from .compile import Plan, Step, build_plan, check_acyclic, check_loss
 from .debug import debug_active, debug_observer, describe_node, implementation
 from .errors import (
@@ -31,6 +31,7 @@ from .errors import (
     ShapeError,
 )
 from .flat import FlatParameters
+from .graph import in_scope, split_init
 from .operators import Parameter
 from .plugins import get_plugin_manager
 from .regularization import Schedule, install
@@ -70,8 +71,6 @@ def optimizer(name: str, **hyper: Any) -> Optimizer:
 def initial_value(node_name: str, op: Parameter, seed: int) -> np.ndarray:
     """A parameter's first value, from a generator seeded by the model seed and the parameter's
     name, so adding a layer does not change the initial values of the others."""
-    from .base import fans
-    from .graph import split_init
     name, config = split_init(op.init, f"parameter {node_name!r}")
     initializer = get_plugin_manager().initializers.get(name)(**config)
     rng = np.random.default_rng([seed, zlib.crc32(node_name.encode())])
@@ -233,8 +232,7 @@ class Model:
         return names
 
     def _matching_parameters(self, patterns: Sequence[str]) -> list[str]:
-        scopes = [p.rstrip("/") + "/" for p in patterns]
-        names = [n for n in self._params if n in patterns or n.startswith(tuple(scopes))]
+        names = [n for n in self._params if any(in_scope(n, p) for p in patterns)]
         if not names:
             raise GraphEngineError(f"no parameter matches {patterns}; name a parameter or a "
                                    f"layer: parameters are {list(self._params)}")

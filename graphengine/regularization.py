@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import GraphEngineError, require_int
+from .graph import in_scope
 
 if TYPE_CHECKING:
     from .model import Model
@@ -47,10 +48,6 @@ def _number(value: Any, what: str, *, positive: bool = False) -> float:
     return float(value)
 
 
-def _matches(name: str, pattern: str) -> bool:
-    return name == pattern or name.startswith(pattern.rstrip("/") + "/")
-
-
 def select_parameters(model: Model, params: ParameterSelection, what: str) -> list[str]:
     """The trainable parameters of ``model`` that ``params`` selects (see :data:`ParameterSelection`);
     frozen ones are left out. A pattern that matches no parameter at all is an error naming
@@ -62,10 +59,10 @@ def select_parameters(model: Model, params: ParameterSelection, what: str) -> li
         return [n for n in trainable if params(n)]
     patterns = [params] if isinstance(params, str) else list(params)
     for pattern in patterns:
-        if not any(_matches(n, pattern) for n in model.parameters()):
+        if not any(in_scope(n, pattern) for n in model.parameters()):
             raise GraphEngineError(f"{what}: no parameter matches {pattern!r}; parameters: "
                                    f"{list(model.parameters())}")
-    return [n for n in trainable if any(_matches(n, p) for p in patterns)]
+    return [n for n in trainable if any(in_scope(n, p) for p in patterns)]
 
 
 # --------------------------------------------------------------------------- penalties
