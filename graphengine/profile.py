@@ -124,6 +124,7 @@ class _Measured:
         return value
 
     def backward(self, xp: Any, inputs: tuple, output: Any, grad: Any) -> tuple:
+        self.op.wanted = self.wanted  # what the model told this wrapper, for the operator itself
         return self._call("backward", self.op.backward, xp, inputs, output, grad)
 
 

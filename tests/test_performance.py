@@ -324,6 +324,13 @@ def test_profile_reports_every_step_with_time_and_memory():
     assert per_node.update_ms == 0.0
 
 
+def test_profile_runs_the_operators_as_the_model_does_skipping_unused_input_gradients():
+    model = mlp(depth=2)  # profiled before any step: nothing was told to the operators yet
+    model.profile(feeds(8), steps=1, memory=False)
+    first_dense = model.train_plan.fast.backward[-1].step.op
+    assert first_dense.wanted == (False, True, True)
+
+
 def test_profile_of_a_model_without_loss_is_refused():
     g = ge.Graph()
     x = g.input("x", (None, 2))
