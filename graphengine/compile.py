@@ -77,6 +77,20 @@ class Plan:
         return list(self.slots)
 
     @property
+    def saved_state(self) -> tuple[Operator, ...]:
+        """The operators of the steps that keep state on themselves for their backward."""
+        cached = self.__dict__.get("_saved_state")
+        if cached is None:
+            cached = self.__dict__["_saved_state"] = tuple(
+                s.op for s in self.steps if s.op.state_for_backward)
+        return cached
+
+    def drop_saved_state(self) -> None:
+        """Release what the operators kept for a backward (see ``Operator.state_for_backward``)."""
+        for op in self.saved_state:
+            op.drop_state_for_backward()
+
+    @property
     def parameter_slots(self) -> tuple[tuple[str, int], ...]:
         """(name, slot) of each parameter, for the gradients after every backward."""
         cached = self.__dict__.get("_parameter_slots")

@@ -133,6 +133,10 @@ class Model:
         self._values: list[Any] = []
         self._grads: list[Any] = []
         self._plan: Plan | None = None
+        #: Inference passes that dropped what operators kept for a backward: a backward() after
+        #: one would read nothing (or, before, another batch's state).
+        self._inference_passes = 0
+        self._forward_passes_seen = 0
         self.train_plan = self._get_plan("train") if self.loss_name else None
         self._init_parameters(parameters or {})
         # Trainable parameters of the training plan share one buffer per dtype (shared ones
@@ -392,15 +396,15 @@ class Model:
                         values[out] = forward(xp, *map(get, args))
                         for slot in release:
                             values[slot] = None
-                    return
-                for step in plan.steps:
-                    args = [values[a] for a in step.args]
-                    value = step.op.forward(xp, *args)
-                    for observer in observers:
-                        observer.on_forward(self, step, args, value)
-                    values[step.out] = value
-                    for slot in step.release:
-                        values[slot] = None
+                else:
+                    for step in plan.steps:
+                        args = [values[a] for a in step.args]
+                        value = step.op.forward(xp, *args)
+                        for observer in observers:
+                            observer.on_forward(self, step, args, value)
+                        values[step.out] = value
+                        for slot in step.release:
+                            values[slot] = None
         except Exception as exc:
             if step is None:
                 raise
@@ -410,6 +414,9 @@ class Model:
             if error is None:
                 raise
             raise error from exc
+        if not plan.backward and plan.saved_state:  # no backward follows an inference pass
+            plan.drop_saved_state()
+            self._inference_passes += 1
 
     def _run_backward(self, plan: Plan, values: list[Any], observers: Sequence[Any] = ()) -> list[Any]:
         xp = self.xp
@@ -458,6 +465,7 @@ class Model:
             if error is None:
                 raise
             raise error from exc
+        plan.drop_saved_state()
         return grads
 
     def _step_error(self, exc: Exception, step: Step, phase: str, shapes: str) -> Exception | None:
@@ -514,12 +522,17 @@ class Model:
         self._fused = not observers
         self._run_forward(plan, values, observers)
         self._plan, self._values, self._grads = plan, values, []
+        self._forward_passes_seen = self._inference_passes
         return float(self.backend.to_numpy(values[plan.slots[self.loss_name]]))
 
     def backward(self, wrt: Sequence[str] = ()) -> None:
         """Gradients of the loss for every trainable parameter, and for the inputs in ``wrt``."""
         if self._plan is None or not self._values:
             raise GraphEngineError("backward() needs a forward() first")
+        if self._inference_passes != self._forward_passes_seen:
+            raise GraphEngineError("backward() after run(), predict() or evaluate(): those "
+                                   "passes released what forward() kept for it; call forward() "
+                                   "again, then backward()")
         if wrt:
             wrt = tuple(wrt)
             for name in wrt:

@@ -47,6 +47,10 @@ class Operator:
     kind: ClassVar[str] = "operator"
     retain_inputs: ClassVar[tuple[int, ...]] = ()
     retain_output: ClassVar[bool] = False
+    #: Attributes that ``forward`` sets on ``self`` for ``backward`` (an im2col matrix, a
+    #: dropout mask). The model drops them after the backward, and after a forward that no
+    #: backward follows (inference), so they do not outlive the step like a leak.
+    state_for_backward: ClassVar[tuple[str, ...]] = ()
     #: Inputs that never receive a gradient (labels, integer ids); None means all can.
     nondifferentiable_inputs: ClassVar[tuple[int, ...]] = ()
     #: Set by the model before each run for operators that behave differently in training.
@@ -57,6 +61,11 @@ class Operator:
     #: gradient (PyTorch's ``needs_input_grad``); empty means all are. ``backward`` may skip the
     #: work for the others and return None there (the first layer's input gradient, say).
     wanted: tuple[bool, ...] = ()
+
+    def drop_state_for_backward(self) -> None:
+        """Forget the attributes named in ``state_for_backward`` (called by the model)."""
+        for name in self.state_for_backward:
+            setattr(self, name, None)
 
     def grad_wanted(self, index: int) -> bool:
         """Whether the gradient of input ``index`` is used (see ``wanted``)."""

@@ -118,6 +118,13 @@ class _Measured:
         self.sink[key] = self.sink.get(key, 0.0) + time.perf_counter() - begin
         return result
 
+    @property
+    def state_for_backward(self) -> tuple[str, ...]:
+        return self.op.state_for_backward
+
+    def drop_state_for_backward(self) -> None:
+        self.op.drop_state_for_backward()
+
     def forward(self, xp: Any, *inputs: Any) -> Any:
         value = self._call("forward", self.op.forward, xp, *inputs)
         self.sink[(self.index, "output")] = int(getattr(value, "nbytes", 0))

@@ -240,6 +240,7 @@ class MaxoutOp(ge.Operator):
     The gradient goes to the winner of each group (the first one on a tie)."""
 
     kind = "maxout"
+    state_for_backward = ("winner",)
 
     def __init__(self, pieces: int) -> None:
         self.pieces = pieces

@@ -160,6 +160,7 @@ class Conv2D(ge.Operator):
     """
 
     kind = "conv2d"
+    state_for_backward = ("cols", "kernel")
 
     def __init__(self, stride: int | Sequence[int] = 1, padding: Any = 0) -> None:
         self.stride = _pair(stride, "stride")
@@ -298,6 +299,7 @@ class MaxPool2D(Pool2D):
     Keeps on ``self`` which tap won each row pass and each column pass (one byte each)."""
 
     kind = "max_pool2d"
+    state_for_backward = ("winners",)
 
     def forward(self, xp, x):
         padded = self.window.pad(xp, _channels_last(x), -math.inf)

@@ -62,6 +62,7 @@ class Recurrent(ge.Operator):
     #: State names; ``h`` is the output, an LSTM also carries ``c``.
     states: ClassVar[tuple[str, ...]] = ("h",)
     extra_params: ClassVar[tuple[str, ...]] = ()
+    state_for_backward: ClassVar[tuple[str, ...]] = ("inputs", "hidden", "w", "u")
 
     def __init__(self, return_sequences: bool = False, reverse: bool = False) -> None:
         self.return_sequences = bool(return_sequences)
@@ -218,6 +219,7 @@ class LSTM(Recurrent):
     gates = 4
     scales = (-1.0, -1.0, -1.0, 1.0)  # three sigmoid gates, then the tanh candidate
     states = ("h", "c")
+    state_for_backward = (*Recurrent.state_for_backward, "acts", "cells", "tanh_cells")
 
     def run(self, xp, projection, hidden, u_t, extras, initial):
         steps, width, batch = projection.shape
@@ -282,6 +284,7 @@ class GRU(Recurrent):
     gates = 3
     scales = (-1.0, -1.0, 1.0)  # two sigmoids; the candidate's tanh takes r * (h U_n + bh)
     extra_params = ("bh",)
+    state_for_backward = (*Recurrent.state_for_backward, "gate_values", "candidates", "hidden_n")
 
     def run(self, xp, projection, hidden, u_t, extras, initial):
         steps, width, batch = projection.shape

@@ -20,6 +20,7 @@ class DropoutOp(ge.Operator):
     identity. Keeps its mask (one array the size of ``x``) between forward and backward."""
 
     kind = "dropout"
+    state_for_backward = ("mask",)
 
     def __init__(self, rate: float) -> None:
         self.rate = rate

@@ -337,3 +337,28 @@ def test_profile_of_a_model_without_loss_is_refused():
     model = g.compile(outputs=[g.layer("dense", x, units=2)])
     with pytest.raises(ge.GraphEngineError, match="loss"):
         model.profile({"x": np.ones((1, 2), np.float32)})
+
+
+def test_operators_state_for_backward_does_not_outlive_the_step_or_an_inference_pass():
+    g = ge.Graph("conv")
+    x = g.input("x", (None, 1, 6, 6))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.layer("max_pool2d", g.layer("conv2d", x, filters=2, kernel_size=3, name="conv"), kernel_size=2)
+    loss = g.loss("softmax_cross_entropy", g.layer("dense", g.layer("flatten", h), units=3), y)
+    model = g.compile(loss, optimizer=ge.optimizer("sgd", lr=0.1))
+    conv = g.nodes["conv/conv2d"].op
+    images = {"x": np.random.default_rng(1).standard_normal((4, 1, 6, 6)).astype(np.float32),
+              "y": np.arange(4) % 3}
+    model.forward(images)
+    assert conv.cols is not None  # kept for the backward
+    model.backward()
+    assert conv.cols is None and conv.kernel is None
+    model.predict(images)
+    assert conv.cols is None  # an inference pass keeps nothing either
+    model.forward(images)
+    model.predict(images)  # released what that forward kept: backward must not read it
+    with pytest.raises(ge.GraphEngineError, match=r"backward\(\) after run\(\), predict\(\)"):
+        model.backward()
+    model.forward(images)
+    model.backward()
+    assert set(model.gradients()) == {"conv/W", "conv/b", "dense0/W", "dense0/b"}
