@@ -62,7 +62,7 @@ def no_early_release(model):
 def no_feed_cache(model):
     def load(plan, feeds, values):
         plan.feed_signature = None
-        return Model._load_feeds(model, plan, feeds, values)
+        Model._load_feeds(model, plan, feeds, values)
     model._load_feeds = load
 
 

@@ -53,10 +53,8 @@ MEMORY_BATCH = {"mlp": 1024}  # the issue's memory target: the MLP at batch 1024
 
 def load_workloads() -> list:
     sys.path.insert(0, str(HERE))
-    found = list(importlib.import_module("workloads").WORKLOADS)
-    if (HERE / "workloads_cnn_lstm.py").exists():
-        found += importlib.import_module("workloads_cnn_lstm").WORKLOADS
-    return found
+    return [*importlib.import_module("workloads").WORKLOADS,
+            *importlib.import_module("workloads_cnn_lstm").WORKLOADS]
 
 
 # ------------------------------------------------------------------------------ time

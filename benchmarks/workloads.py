@@ -59,14 +59,10 @@ def batch_data(batch: int, features: int | tuple[int, ...], classes: int,
 
 
 def graphengine_optimizer(name: str, lr: float):
-    """Adam or SGD with momentum from the registry; plain SGD while those are not registered."""
+    """Adam, or SGD with momentum, with the hyper-parameters PyTorch's side gets."""
     import graphengine as ge
-    available = ge.get_plugin_manager().optimizers
-    if name == "momentum" and "momentum" in available:
-        return ge.optimizer("momentum", lr=lr, momentum=MOMENTUM)
-    if name == "adam" and "adam" in available:
-        return ge.optimizer("adam", lr=lr, **ADAM)
-    return ge.optimizer("sgd", lr=lr)
+    hyper = {"adam": ADAM, "momentum": {"momentum": MOMENTUM}}[name]
+    return ge.optimizer(name, lr=lr, **hyper)
 
 
 # ------------------------------------------------------------------------------ graphengine
@@ -87,11 +83,16 @@ def graphengine_mlp(spec: MLPSpec, batch: int, backend: str = "numpy"):
     return model, {"x": xs, "y": ys}
 
 
-def graphengine_step(spec: MLPSpec) -> Maker:
+def graphengine_maker(build: Callable[[int], tuple]) -> Maker:
+    """A maker from ``build(batch) -> (model, feeds)``."""
     def make(batch: int) -> Step:
-        model, feeds = graphengine_mlp(spec, batch)
+        model, feeds = build(batch)
         return lambda: model.train_step(feeds)
     return make
+
+
+def graphengine_step(spec: MLPSpec) -> Maker:
+    return graphengine_maker(lambda batch: graphengine_mlp(spec, batch))
 
 
 # ------------------------------------------------------------------------------ PyTorch

@@ -17,6 +17,7 @@ from workloads import (
     Step,
     Workload,
     batch_data,
+    graphengine_maker,
     graphengine_optimizer,
     torch_optimizer,
     torch_training_step,
@@ -55,13 +56,6 @@ def graphengine_lstm(batch: int, backend: str = "numpy"):
     model = g.compile(loss, optimizer=graphengine_optimizer("adam", LR), backend=backend)
     xs, ys = batch_data(batch, (SEQUENCE, FEATURES), CLASSES)
     return model, {"x": xs, "y": ys}
-
-
-def graphengine_maker(build):
-    def make(batch: int) -> Step:
-        model, feeds = build(batch)
-        return lambda: model.train_step(feeds)
-    return make
 
 
 def torch_cnn():

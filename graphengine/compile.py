@@ -67,10 +67,9 @@ class Plan:
     loss: str | None = None
     #: The same computation with fused steps, for unobserved runs; None when nothing fuses.
     fast: Plan | None = None
-    #: (name, type, dtype, shape) of the last feeds that passed the checks as they were, and
-    #: their batch size: feeds that look the same skip the checks.
+    #: (name, type, dtype, shape) of the last feeds that passed the checks as they were: feeds
+    #: that look the same skip the checks.
     feed_signature: tuple | None = None
-    feed_batch: int | None = None
 
     @property
     def names(self) -> list[str]:

@@ -108,7 +108,8 @@ def _census(xp: Any, array: Any) -> str:
     return f"{' and '.join(parts)} among {array.size} values"
 
 
-def _fits(shape: tuple, spec_shape: tuple) -> bool:
+def fits(shape: tuple, spec_shape: tuple) -> bool:
+    """Whether an array's ``shape`` is one that ``spec_shape`` (None: any size) allows."""
     return len(shape) == len(spec_shape) and all(d is None or d == s for d, s in zip(spec_shape, shape))
 
 
@@ -129,7 +130,7 @@ class DebugObserver:
         node = graph.nodes[step.name]
         self.input_shapes[step.name] = tuple(tuple(a.shape) for a in args if hasattr(a, "shape"))
         shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
-        if shape is None or dtype is None or not _fits(tuple(shape), node.shape) or dtype != node.dtype:
+        if shape is None or dtype is None or not fits(tuple(shape), node.shape) or dtype != node.dtype:
             got = f"{tuple(shape)} {dtype}" if shape is not None else f"a {type(value).__name__}"
             raise _at(ShapeError(
                 f"{describe_node(graph, step.name)}: forward returned {got}, but shape inference "
@@ -172,7 +173,7 @@ class DebugObserver:
             spec = graph.nodes[input_name].spec
             expected = shapes[k] if shapes is not None and k < len(shapes) else None
             shape = tuple(getattr(g, "shape", ()))
-            if (shape != expected if expected is not None else not _fits(shape, spec.shape)) \
+            if (shape != expected if expected is not None else not fits(shape, spec.shape)) \
                     or getattr(g, "dtype", None) != spec.dtype:
                 raise _at(ShapeError(
                     f"{described}: backward returned a gradient of {shape} "

@@ -59,11 +59,11 @@ class FlatGroup:
         self.name_set = frozenset(names)
         self.param_view_list = [self.param_views[n] for n in names]
         self.grad_view_list = [self.grad_views[n] for n in names] if own_grad else []
+        #: What this group put in ``model.optimizer_state`` for each member, in name order:
+        #: views of the flat state, and its scalars.
         self.installed_list: list[dict[str, Any]] = []
         #: The optimizer state of the whole group (flat arrays and scalars), once there is one.
         self.state: dict[str, Any] | None = None
-        #: What this group put in ``model.optimizer_state``: per parameter, views and scalars.
-        self.installed: dict[str, dict[str, Any]] = {}
         #: Set when members were updated one by one: their state may have moved.
         self.dirty = False
         # A group up to twice the chunk goes in one call: one more call costs more there than
@@ -123,10 +123,11 @@ class FlatGroup:
         arrays = {key: value for key, value in self.state.items()
                   if _is_array(value) and value.shape == self.param.shape}
         views = {key: self._views(value) for key, value in arrays.items()}
+        self.installed_list = []
         for name in self.names:
-            states[name] = self.installed[name] = {key: views[key][name] if key in views else value
-                                                   for key, value in self.state.items()}
-        self.installed_list = [self.installed[n] for n in self.names]
+            states[name] = {key: views[key][name] if key in views else value
+                            for key, value in self.state.items()}
+            self.installed_list.append(states[name])
         chunk = self.chunk
         self.chunks = [(a, self.param[a:a + chunk],
                         {key: value[a:a + chunk] for key, value in arrays.items()})

@@ -21,7 +21,7 @@ import numpy as np
 from .backend import Backend
 from .base import LossOp, Optimizer, fans
 from .compile import Plan, Step, build_plan, check_acyclic, check_loss
-from .debug import debug_active, debug_observer, describe_node, implementation
+from .debug import debug_active, debug_observer, describe_node, fits, implementation
 from .errors import (
     BackendError,
     CompileError,
@@ -329,7 +329,7 @@ class Model:
             raise FeedError(f"feed {name!r} cannot become an array ({exc}); feed a rectangular "
                             f"array of numbers") from None
 
-    def _load_feeds(self, plan: Plan, feeds: Feeds, values: list[Any]) -> int | None:
+    def _load_feeds(self, plan: Plan, feeds: Feeds, values: list[Any]) -> None:
         # Feeds of the same names, types, dtypes and shapes as the last ones that passed
         # unconverted pass again: fit() feeds batch after batch alike.
         signature = tuple((k, type(v), getattr(v, "dtype", None), getattr(v, "shape", None))
@@ -337,7 +337,7 @@ class Model:
         if signature is not None and signature == plan.feed_signature:
             for name in plan.feeds:
                 values[plan.slots[name]] = feeds[name]
-            return plan.feed_batch
+            return
         self._check_feed_names(plan, feeds)
         batch = None
         for name in plan.feeds:
@@ -348,8 +348,7 @@ class Model:
             if kind not in "biuf" or (want in "iub" and kind == "f"):
                 raise FeedError(f"feed {name!r} has dtype {value.dtype}, input {name!r} is "
                                 f"{spec.dtype}: convert it (floats are never truncated to ints)")
-            if len(value.shape) != len(spec.shape) or any(
-                    d is not None and d != v for d, v in zip(spec.shape, value.shape)):
+            if not fits(tuple(value.shape), spec.shape):
                 raise FeedError(f"feed {name!r} has shape {tuple(value.shape)}, input {name!r} "
                                 f"expects {spec.shape} (None = any batch size): reshape the data, "
                                 f"or declare the input with the data's shape")
@@ -367,8 +366,7 @@ class Model:
                 value = self.backend.asarray(value, dtype=spec.dtype)
             values[plan.slots[name]] = value
         if all(values[plan.slots[name]] is feeds[name] for name in plan.feeds):
-            plan.feed_signature, plan.feed_batch = signature, batch
-        return batch
+            plan.feed_signature = signature
 
     def _prepare(self, plan: Plan, feeds: Feeds) -> list[Any]:
         # One spare slot at the end stays None: plan slot -1 ("not kept") reads it.

@@ -24,6 +24,7 @@ the data loss only; ``penalty.value(model)`` gives the penalty term.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,23 @@ def select_parameters(model: Model, params: ParameterSelection, what: str) -> li
     return [n for n in trainable if any(in_scope(n, p) for p in patterns)]
 
 
+#: hook -> (the model, weakly, its trainable names, the hook's selection among them). Kept off the
+#: hooks themselves, whose attributes are saved with a model.
+_selections: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def selected_parameters(hook: Any, model: Model) -> list[str]:
+    """``select_parameters`` for a hook applied on every step: computed again (and checked)
+    only when the model or its frozen set changes."""
+    trainable = model._trainable_names()
+    cached = _selections.get(hook)
+    if cached is None or cached[0]() is not model or cached[1] is not trainable:
+        # a weak reference: the model holds the hook, and must stay collectable
+        cached = _selections[hook] = (weakref.ref(model), trainable,
+                                      select_parameters(model, hook.params, repr(hook)))
+    return cached[2]
+
+
 # --------------------------------------------------------------------------- penalties
 
 class L1L2:
@@ -82,7 +100,7 @@ class L1L2:
         self.params = params
 
     def parameters(self, model: Model) -> list[str]:
-        return select_parameters(model, self.params, repr(self))
+        return selected_parameters(self, model)
 
     def value(self, model: Model) -> float:
         """The penalty term for the model's current weights (a host float)."""
@@ -152,7 +170,7 @@ class MaxNorm:
     def __call__(self, model: Model) -> None:
         xp = model.xp
         weights = model.parameters()
-        for name in select_parameters(model, self.params, repr(self)):
+        for name in selected_parameters(self, model):
             w = weights[name]
             norms = xp.sqrt((w * w).sum(axis=self.axis, keepdims=True))
             w *= xp.minimum(1.0, self.max_norm / (norms + 1e-12)).astype(w.dtype)

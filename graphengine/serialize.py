@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import GraphEngineError, SerializationError
+from .graph import in_scope
 from .plugins import get_plugin_manager
 
 if TYPE_CHECKING:
@@ -527,7 +528,7 @@ def _load_weights(model: Model, file: ModelFile, strict: bool, training_state: b
     report.loaded = [n for n in own if n in saved and n not in report.mismatched]
     model.set_parameters({n: saved[n] for n in report.loaded})
     model.fitted_layers |= {scope for scope in file.document["model"]["fitted_layers"]
-                            if any(n.startswith(scope + "/") for n in report.loaded)}
+                            if any(in_scope(n, scope) for n in report.loaded)}
     if training_state:
         _restore_training(model, file)
     return report

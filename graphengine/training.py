@@ -311,8 +311,8 @@ def _check_gradients(model: Model, epoch: int, batch: int, loss: float) -> None:
     grads = model.gradients()
     if not grads:
         return
-    # One reduction on the device and one transfer: a NaN or Inf anywhere makes the sum non-finite.
-    total = model.xp.concatenate([g.reshape(-1) for g in grads.values()]).sum()
+    # Reductions on the device and one transfer: a NaN or Inf anywhere makes the sum non-finite.
+    total = sum(g.sum() for g in grads.values())
     if math.isfinite(float(model.backend.to_numpy(total))):
         return
     bad = [name for name, g in grads.items()

@@ -23,6 +23,7 @@ from typing import Any
 import graphviz
 
 from graphengine.errors import GraphEngineError
+from graphengine.graph import in_scope
 from graphengine.model import Model
 from graphengine.monitor import GradientMonitor, NodeStats, Record
 from graphengine.operators import Constant, Input, Parameter
@@ -150,7 +151,7 @@ def _units(model: Model, diagnosis: Diagnosis | None, collapse: list[str],
 
     def collapsed_scope(layer: str | None) -> str | None:
         for scope in collapse:
-            if layer is not None and (layer == scope or layer.startswith(scope + "/")):
+            if layer is not None and in_scope(layer, scope):
                 return scope
         return None
 
