@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import in_fresh_process, peak_memory, time_block  # noqa: E402
 from workloads import DEEP, MLP, graphengine_mlp  # noqa: E402
 
-from graphengine.fusion import FusedDense  # noqa: E402
+from graphengine.compiler.fusion import FusedDense  # noqa: E402
 from graphengine.model import Model  # noqa: E402
 
 

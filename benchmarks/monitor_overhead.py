@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import DEEP, MLP, graphengine_mlp  # noqa: E402
 from workloads_cnn_lstm import graphengine_cnn  # noqa: E402
 
-from graphengine.monitor import GradientMonitor  # noqa: E402
+from graphengine.tools.monitor import GradientMonitor  # noqa: E402
 
 BUILDERS: dict[str, tuple[str, Callable]] = {
     "deep_sigmoid": ("deep sigmoid MLP, 20 hidden x 64, momentum, batch 64",

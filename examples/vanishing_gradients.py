@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import graphengine as ge
-from graphengine.monitor import GradientMonitor
+from graphengine.tools.monitor import GradientMonitor
 from viz.demo import deep_mlp, digits
 from viz.gradflow import diagnose
 from viz.render import GraphvizMissingError, render

@@ -6,9 +6,9 @@ activations, losses, optimizers, initializers and backends are pluggy plugins.
 
 from __future__ import annotations
 
-from .backend import Backend
-from .base import Activation, Initializer, Layer, Loss, Optimizer
-from .debug import debug
+from .runtime.backend import Backend
+from .ir.contracts import Activation, Initializer, Layer, Loss, Optimizer
+from .tools.debug import debug
 from .errors import (
     BackendError,
     CompileError,
@@ -24,12 +24,12 @@ from .errors import (
     ShapeError,
     UnknownNameError,
 )
-from .graph import Graph, Tensor
+from .ir.graph import Graph, Tensor
 from .model import Model, get_backend, optimizer
-from .operators import Operator, TensorSpec
+from .ir.operators import Operator, TensorSpec
 from .plugins import get_plugin_manager, hookimpl
-from .profile import Profile, profile
-from .regularization import (
+from .tools.profile import Profile, profile
+from .train.regularization import (
     L1,
     L1L2,
     L2,
@@ -41,8 +41,8 @@ from .regularization import (
     Schedule,
     StepDecay,
 )
-from .serialize import LoadReport, load
-from .training import Callback, Checkpoint, EarlyStopping, History
+from .io.serialize import LoadReport, load
+from .train.loop import Callback, Checkpoint, EarlyStopping, History
 
 __version__ = "0.1.0"
 

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .backend import Backend
-from .base import LossOp, Optimizer, fans
-from .compile import Plan, Step, build_plan, check_acyclic, check_loss
-from .debug import debug_active, debug_observer, describe_node, fits, implementation
+from .runtime.backend import Backend
+from .ir.contracts import LossOp, Optimizer, fans
+from .compiler.plan import Plan, Step, build_plan, check_acyclic, check_loss
+from .tools.debug import debug_active, debug_observer, describe_node, fits, implementation
 from .errors import (
     BackendError,
     CompileError,
@@ -30,17 +30,17 @@ from .errors import (
     OperatorError,
     ShapeError,
 )
-from .flat import FlatParameters
-from .graph import in_scope, split_init
-from .operators import Parameter
+from .train.flat import FlatParameters
+from .ir.graph import in_scope, split_init
+from .ir.operators import Parameter
 from .plugins import get_plugin_manager
-from .regularization import Schedule, install
+from .train.regularization import Schedule, install
 
 if TYPE_CHECKING:
-    from .graph import Graph, Tensor
-    from .profile import Profile
-    from .serialize import LoadReport
-    from .training import History
+    from .ir.graph import Graph, Tensor
+    from .tools.profile import Profile
+    from .io.serialize import LoadReport
+    from .train.loop import History
 
 Feeds = Mapping[str, Any]
 
@@ -140,7 +140,7 @@ class Model:
         self.train_plan = self._get_plan("train") if self.loss_name else None
         self._init_parameters(parameters or {})
         # Trainable parameters of the training plan share one buffer per dtype (shared ones
-        # belong to another model and stay as they are); see graphengine.flat.
+        # belong to another model and stay as they are); see graphengine.train.flat.
         packable = [n for n in (self.train_plan.parameters if self.train_plan else ())
                     if self.graph.nodes[n].op.trainable and n not in (parameters or {})]
         self._flat = FlatParameters(self.xp, self._params, packable)
@@ -492,7 +492,7 @@ class Model:
     def debug(self) -> bool:
         """Debug mode: every forward value, gradient and updated parameter is checked for NaN/Inf
         and for the shapes the operators promise, naming the node that broke them (see
-        :mod:`graphengine.debug`). On for this model, or for all inside ``with ge.debug():``."""
+        :mod:`graphengine.tools.debug`). On for this model, or for all inside ``with ge.debug():``."""
         return self._debug or debug_active()
 
     @debug.setter
@@ -600,7 +600,7 @@ class Model:
     def predict(self, feeds: Feeds, batch_size: int | None = None) -> Any:
         """Outputs in evaluation mode, as host arrays: one array for one output, else a dict.
         With a loss's default output, its link applies (softmax cross-entropy -> probabilities)."""
-        from .training import batches, dataset_length
+        from .train.loop import batches, dataset_length
         plan = self._get_plan("infer", tuple(self.output_names))
         if isinstance(feeds, Mapping):  # targets are not needed to predict: drop them
             inputs = set(self.graph.inputs())
@@ -623,36 +623,36 @@ class Model:
 
     def profile(self, feeds: Feeds, **options: Any) -> Profile:
         """Per-node forward/backward time and memory of a training step, as a table
-        (``print(model.profile(feeds))``); see :func:`graphengine.profile.profile`."""
-        from .profile import profile
+        (``print(model.profile(feeds))``); see :func:`graphengine.tools.profile.profile`."""
+        from .tools.profile import profile
         return profile(self, feeds, **options)
 
     def fit(self, data: Feeds, **kwargs: Any) -> History:
-        """Train; see :func:`graphengine.training.fit` for the options."""
-        from .training import fit
+        """Train; see :func:`graphengine.train.loop.fit` for the options."""
+        from .train.loop import fit
         return fit(self, data, **kwargs)
 
     def fit_preprocessing(self, data: Feeds, refit: bool = False) -> list[str]:
         """Fit data-fitted layers (preprocessing) on ``data``; see
-        :func:`graphengine.training.fit_preprocessing`."""
-        from .training import fit_preprocessing
+        :func:`graphengine.train.loop.fit_preprocessing`."""
+        from .train.loop import fit_preprocessing
         return fit_preprocessing(self, data, refit=refit)
 
     def save(self, path: str | os.PathLike, *, training_state: bool = True) -> None:
         """Write graph, weights (and optimizer state, epoch, RNG states) to ``path``; see
-        :func:`graphengine.serialize.save`."""
-        from .serialize import save
+        :func:`graphengine.io.serialize.save`."""
+        from .io.serialize import save
         save(self, path, training_state=training_state)
 
     def load_weights(self, path: str | os.PathLike, *, strict: bool = True,
                      training_state: bool = False) -> LoadReport:
-        """Load parameters from a model file by name; see :func:`graphengine.serialize.load_weights`."""
-        from .serialize import load_weights
+        """Load parameters from a model file by name; see :func:`graphengine.io.serialize.load_weights`."""
+        from .io.serialize import load_weights
         return load_weights(self, path, strict=strict, training_state=training_state)
 
     def evaluate(self, data: Feeds, batch_size: int | None = None) -> dict[str, float]:
         """Mean loss (and accuracy where the loss defines it) over ``data`` in evaluation mode."""
-        from .training import evaluate
+        from .train.loop import evaluate
         return evaluate(self, data, batch_size=batch_size)
 
     def __repr__(self) -> str:
@@ -667,7 +667,7 @@ def _executed(plan: Plan, fused: bool) -> Plan:
 
 
 def _node_name(graph: Graph, t: Any, what: str) -> str:
-    from .graph import Tensor
+    from .ir.graph import Tensor
     if isinstance(t, Tensor):
         if t.graph is not graph:
             raise CompileError(f"{what} {t.name!r} belongs to graph {t.graph.name!r}, not {graph.name!r}")

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Backend
+from .runtime.backend import Backend
 from .model import get_backend
-from .operators import Operator
+from .ir.operators import Operator
 from .plugins import PluginManager, get_plugin_manager, set_plugin_manager
 
 

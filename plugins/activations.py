@@ -12,7 +12,7 @@ from typing import Any
 
 import graphengine as ge
 from graphengine.errors import ShapeError, require_int
-from graphengine.operators import TensorSpec, require_float, same_dtype
+from graphengine.ir.operators import TensorSpec, require_float, same_dtype
 
 
 def sigmoid(xp: Any, x: Any) -> Any:

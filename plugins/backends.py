@@ -17,7 +17,7 @@ import numpy as np
 from numpy.lib.mixins import NDArrayOperatorsMixin
 
 import graphengine as ge
-from graphengine.backend import module_namespace
+from graphengine.runtime.backend import module_namespace
 from graphengine.errors import BackendError
 
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import graphengine as ge
 from graphengine.errors import DataError, GraphBuildError, ShapeError, require_int
-from graphengine.graph import DTYPES
-from graphengine.operators import TensorSpec, require_float, same_dtype
+from graphengine.ir.graph import DTYPES
+from graphengine.ir.operators import TensorSpec, require_float, same_dtype
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 

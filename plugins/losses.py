@@ -12,7 +12,7 @@ from typing import Any
 
 import graphengine as ge
 from graphengine.errors import ShapeError
-from graphengine.operators import TensorSpec
+from graphengine.ir.operators import TensorSpec
 from plugins.activations import log_softmax, sigmoid
 
 

@@ -2,7 +2,7 @@
 
 Notation: ``w`` parameter, ``g`` its gradient, ``t`` the step (from 1), ``lr`` the learning rate
 (a schedule may change it between steps). Learning-rate schedules, gradient clipping and
-weight penalties are not optimizer options: they live in :mod:`graphengine.regularization`
+weight penalties are not optimizer options: they live in :mod:`graphengine.train.regularization`
 and work with every optimizer.
 """
 

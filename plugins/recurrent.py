@@ -31,7 +31,7 @@ import numpy as np
 
 import graphengine as ge
 from graphengine.errors import GraphBuildError, ShapeError, require_int
-from graphengine.operators import TensorSpec, require_float, same_dtype
+from graphengine.ir.operators import TensorSpec, require_float, same_dtype
 
 
 def _sigmoid_of_negated(xp: Any, negated: Any) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import graphengine as ge
 from graphengine.errors import GraphBuildError, ShapeError
-from graphengine.operators import TensorSpec, require_float, same_dtype
+from graphengine.ir.operators import TensorSpec, require_float, same_dtype
 
 
 class DropoutOp(ge.Operator):

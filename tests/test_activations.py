@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import graphengine as ge
-from graphengine.base import ActivationOp
+from graphengine.ir.contracts import ActivationOp
 from graphengine.errors import GraphBuildError, ShapeError
-from graphengine.operators import TensorSpec
+from graphengine.ir.operators import TensorSpec
 from graphengine.testing import check_backward
 from plugins.activations import MaxoutOp, PReLUOp
 

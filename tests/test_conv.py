@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import graphengine as ge
-from graphengine.operators import TensorSpec
+from graphengine.ir.operators import TensorSpec
 from graphengine.testing import check_backward, isolated_plugin_manager
 from plugins.conv import AvgPool2D, Conv2D, EmbeddingLookup, MaxPool2D, OneHot
 

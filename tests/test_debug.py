@@ -10,7 +10,7 @@ import pytest
 import graphengine as ge
 import graphengine.model
 from graphengine.errors import GraphEngineError, NumericalError, ShapeError
-from graphengine.operators import Operator
+from graphengine.ir.operators import Operator
 from graphengine.testing import isolated_plugin_manager
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")

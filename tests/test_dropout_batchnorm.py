@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import graphengine as ge
-from graphengine.operators import TensorSpec
+from graphengine.ir.operators import TensorSpec
 from graphengine.testing import check_backward
 from plugins.regularization import BatchNormOp, DropoutOp
 

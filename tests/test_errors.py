@@ -24,7 +24,7 @@ import pytest
 from payload import Payload
 
 import graphengine as ge
-from graphengine import serialize
+from graphengine.io import serialize
 from graphengine.plugins import PluginWarning
 from graphengine.testing import isolated_plugin_manager
 

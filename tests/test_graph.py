@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import graphengine as ge
-from graphengine.compile import build_plan
+from graphengine.compiler.plan import build_plan
 
 
 def mlp(dtype="float32"):

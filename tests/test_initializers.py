@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import graphengine as ge
-from graphengine.base import fans
+from graphengine.ir.contracts import fans
 from graphengine.errors import GraphBuildError
 
 #: The plugins whose initializers this file covers.

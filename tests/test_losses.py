@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import graphengine as ge
-from graphengine.base import LossOp
+from graphengine.ir.contracts import LossOp
 from graphengine.errors import ShapeError
 from graphengine.testing import check_backward
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import graphengine as ge
-from graphengine.monitor import GradientMonitor, find_monitor
+from graphengine.tools.monitor import GradientMonitor, find_monitor
 
 
 def rms(a: np.ndarray) -> float:
@@ -185,7 +185,7 @@ def test_bad_settings_are_clear_errors():
 
 
 def test_the_core_never_imports_viz():
-    code = ("import sys, graphengine, graphengine.monitor, graphengine.cli; "
+    code = ("import sys, graphengine, graphengine.tools.monitor, graphengine.cli; "
             "print([m for m in sys.modules if m == 'viz' or m.startswith('viz.')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

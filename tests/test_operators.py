@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphengine import operators as ops
+from graphengine.ir import operators as ops
 from graphengine.testing import GradientCheckError, check_backward
 
 rng = np.random.default_rng(42)

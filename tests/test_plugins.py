@@ -52,7 +52,7 @@ def test_example_third_party_plugin_is_found_and_works():
 
 
 def test_example_plugin_activation_gradient(backend):
-    from graphengine.base import ActivationOp
+    from graphengine.ir.contracts import ActivationOp
     swish = ge.get_plugin_manager().activations.get("swish")
     check_backward(lambda: ActivationOp("swish", swish(beta=1.5)),
                    [np.random.default_rng(0).standard_normal((3, 4))], backend=backend)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import graphengine as ge
-from graphengine.operators import TensorSpec
+from graphengine.ir.operators import TensorSpec
 from graphengine.testing import check_backward
 from plugins.recurrent import GRU, LSTM, Orthogonal, SimpleRNN
 

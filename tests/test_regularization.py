@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import graphengine as ge
-from graphengine.regularization import select_parameters
+from graphengine.train.regularization import select_parameters
 
 rng = np.random.default_rng(0)
 X = rng.standard_normal((32, 5)).astype(np.float32)

@@ -13,7 +13,7 @@ from killing import REPO, kill_when_ready
 from payload import Payload
 
 import graphengine as ge
-from graphengine import serialize
+from graphengine.io import serialize
 from graphengine.testing import isolated_plugin_manager
 
 rng = np.random.default_rng(5)

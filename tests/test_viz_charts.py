@@ -7,7 +7,7 @@ import pytest
 from matplotlib.figure import Figure
 
 import graphengine as ge
-from graphengine.monitor import GradientMonitor, find_monitor
+from graphengine.tools.monitor import GradientMonitor, find_monitor
 from viz.charts import gradient_flow_chart, parameter_order, per_epoch, pick_epochs
 from viz.demo import deep_mlp
 

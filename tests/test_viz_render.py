@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import graphengine as ge
-from graphengine.monitor import GradientMonitor, find_monitor
+from graphengine.tools.monitor import GradientMonitor, find_monitor
 from viz.demo import deep_mlp
 from viz.gradflow import diagnose
 from viz.render import GraphvizMissingError, render, to_dot

@@ -1,6 +1,6 @@
 """The gradient-flow visualizer: diagrams, charts and a diagnosis of a model's gradients.
 
-    from graphengine.monitor import GradientMonitor
+    from graphengine.tools.monitor import GradientMonitor
     import viz
 
     GradientMonitor(every=20).attach(model)   # record while training

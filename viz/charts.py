@@ -19,8 +19,8 @@ import numpy as np
 
 from graphengine.errors import GraphEngineError
 from graphengine.model import Model
-from graphengine.monitor import GradientMonitor, Record, find_monitor
-from graphengine.operators import Parameter
+from graphengine.tools.monitor import GradientMonitor, Record, find_monitor
+from graphengine.ir.operators import Parameter
 
 
 def parameter_order(model: Model) -> list[str]:
@@ -51,7 +51,7 @@ def _monitor(model: Model) -> GradientMonitor:
     monitor = find_monitor(model)
     if monitor is None or not monitor.records:
         raise GraphEngineError(f"model {model.graph.name!r} has no recorded gradient statistics: "
-                               f"attach graphengine.monitor.GradientMonitor before training")
+                               f"attach graphengine.tools.monitor.GradientMonitor before training")
     return monitor
 
 

@@ -28,7 +28,7 @@ def render_command(args: argparse.Namespace) -> int:
     import numpy as np
 
     import graphengine as ge
-    from graphengine.monitor import GradientMonitor
+    from graphengine.tools.monitor import GradientMonitor
 
     from .gradflow import diagnose
     from .render import render

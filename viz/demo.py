@@ -19,8 +19,8 @@ from typing import TextIO
 import numpy as np
 
 import graphengine as ge
-from graphengine.monitor import GradientMonitor
-from graphengine.training import Callback, History
+from graphengine.tools.monitor import GradientMonitor
+from graphengine.train.loop import Callback, History
 
 from .charts import gradient_flow_chart
 from .gradflow import Diagnosis, diagnose, diagnose_history

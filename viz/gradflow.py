@@ -1,7 +1,7 @@
 """Gradient statistics -> per-node and per-layer health, and advice in plain words.
 
 No rendering here: :func:`diagnose` reads the records of a model's
-:class:`~graphengine.monitor.GradientMonitor` and flags each node
+:class:`~graphengine.tools.monitor.GradientMonitor` and flags each node
 
 - ``vanishing``: its gradient RMS is below ``vanishing`` (default 1e-3) times the strongest
   comparable gradient (parameters are compared with parameters, per-example tensors with
@@ -27,7 +27,7 @@ import numpy as np
 
 from graphengine.errors import GraphEngineError
 from graphengine.model import Model
-from graphengine.monitor import (
+from graphengine.tools.monitor import (
     ACTIVATION_HEALTH,
     FIELDS,
     SATURATED_SLOPE,
@@ -36,8 +36,8 @@ from graphengine.monitor import (
     Record,
     find_monitor,
 )
-from graphengine.operators import Parameter
-from graphengine.training import History
+from graphengine.ir.operators import Parameter
+from graphengine.train.loop import History
 
 #: Activation kinds whose outputs can saturate (sigmoid, tanh): the advice names them.
 SATURATING = tuple(kind for kind, (column, _) in ACTIVATION_HEALTH.items()
@@ -196,7 +196,7 @@ def _records_of(model: Model, source: GradientMonitor | Record | Sequence[Record
         if source is None:
             raise NoStatisticsError(
                 "no gradient statistics: attach a monitor before training "
-                "(graphengine.monitor.GradientMonitor(every=20).attach(model)), or record one "
+                "(graphengine.tools.monitor.GradientMonitor(every=20).attach(model)), or record one "
                 "batch with GradientMonitor().capture(model, feeds)")
     records = source.records if isinstance(source, GradientMonitor) else list(source)
     records = [r for r in records if not np.isnan(r.table[:, 0]).all()]

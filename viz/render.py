@@ -1,7 +1,7 @@
 """Graphviz diagrams of a model, annotated with its gradient flow.
 
 One node per operator (type, output shape, parameter count), the layers' nodes grouped in
-clusters. With gradient statistics (a :class:`~graphengine.monitor.GradientMonitor` attached
+clusters. With gradient statistics (a :class:`~graphengine.tools.monitor.GradientMonitor` attached
 while training, or one batch captured), each node's fill is log10 of its gradient RMS on
 viridis, a colour-blind-safe sequential scale, with a legend; each flag is drawn twice, as a
 border style and as a text badge, never by colour alone; edge width follows the gradient norm
@@ -23,10 +23,10 @@ from typing import Any
 import graphviz
 
 from graphengine.errors import GraphEngineError
-from graphengine.graph import in_scope
+from graphengine.ir.graph import in_scope
 from graphengine.model import Model
-from graphengine.monitor import GradientMonitor, NodeStats, Record
-from graphengine.operators import Constant, Input, Parameter
+from graphengine.tools.monitor import GradientMonitor, NodeStats, Record
+from graphengine.ir.operators import Constant, Input, Parameter
 
 from .gradflow import Diagnosis, NodeHealth, NoStatisticsError, diagnose, layer_kinds, shape_text
 

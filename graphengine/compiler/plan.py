@@ -6,7 +6,7 @@ that reads it in the forward pass, and whether a backward step reads it later (a
 as Theano's VM does.
 
 A training or inference plan also carries ``fast``: the same schedule with ``matmul -> add bias
--> activation`` chains fused into single steps (see :mod:`graphengine.fusion`). The model runs
+-> activation`` chains fused into single steps (see :mod:`graphengine.compiler.fusion`). The model runs
 ``fast`` when no observer watches the step; observers always see one step per graph node.
 """
 
@@ -17,9 +17,9 @@ from dataclasses import dataclass, field, replace
 
 import networkx as nx
 
-from .errors import CompileError
-from .fusion import backward_parts, fuse_dense
-from .operators import Constant, Input, Operator, Parameter, TensorSpec
+from ..errors import CompileError
+from ..compiler.fusion import backward_parts, fuse_dense
+from ..ir.operators import Constant, Input, Operator, Parameter, TensorSpec
 
 
 @dataclass

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import GraphEngineError, require_int
+from ..errors import GraphEngineError, require_int
 
 if TYPE_CHECKING:
-    from .compile import Plan, Step
-    from .model import Model
+    from ..compiler.plan import Plan, Step
+    from ..model import Model
 
 #: Columns of a record's table, one row per graph node. NaN: not measured.
 FIELDS = ("grad_rms", "grad_norm", "grad_max", "dead_fraction", "saturation", "update_ratio")

@@ -35,15 +35,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import GraphEngineError, SerializationError
-from .graph import in_scope
-from .plugins import get_plugin_manager
+from ..errors import GraphEngineError, SerializationError
+from ..ir.graph import in_scope
+from ..plugins import get_plugin_manager
 
 if TYPE_CHECKING:
-    from .backend import Backend
-    from .base import Optimizer
-    from .graph import Graph
-    from .model import Model
+    from ..runtime.backend import Backend
+    from ..ir.contracts import Optimizer
+    from ..ir.graph import Graph
+    from ..model import Model
 
 FORMAT = "graphengine-model"
 #: Bumped whenever a file written by this version could not be read by an older one.
@@ -124,14 +124,14 @@ def _describe_model(model: Model) -> dict[str, Any]:
 
 def _describe_hooks(model: Model) -> dict[str, list[Any]]:
     """The compile options living in the model's hooks (penalties, clipping, schedules,
-    max-norm), as class name + attributes. Only classes of :mod:`graphengine.regularization`
+    max-norm), as class name + attributes. Only classes of :mod:`graphengine.train.regularization`
     are saved, and only with plain-data attributes; anything else (a function, a custom
     schedule) is listed by ``repr`` so that ``load`` can say it must be attached again."""
     saved, unsaved = [], []
     for where in ("gradient_transforms", "constraints"):
         for hook in getattr(model, where):
             state = getattr(hook, "__dict__", None)
-            if type(hook).__module__ == "graphengine.regularization" and _is_plain(state):
+            if type(hook).__module__ == "graphengine.train.regularization" and _is_plain(state):
                 saved.append({"where": where, "class": type(hook).__name__, "state": state})
             else:
                 unsaved.append(repr(hook))
@@ -395,7 +395,7 @@ def _load(file: ModelFile, backend: str | Backend, optimizer: Optimizer | None) 
     graph = rebuild_graph(file)
     spec = file.document["model"]
     if optimizer is None and spec["optimizer"] is not None:
-        from .model import optimizer as make_optimizer
+        from ..model import optimizer as make_optimizer
         try:
             optimizer = make_optimizer(spec["optimizer"]["name"],
                                        **spec["optimizer"]["hyperparameters"])
@@ -413,7 +413,7 @@ def _load(file: ModelFile, backend: str | Backend, optimizer: Optimizer | None) 
 
 
 def _restore_hooks(model: Model, file: ModelFile) -> None:
-    from . import regularization
+    from ..train import regularization
     for entry in file.document["model"]["hooks"]:
         cls = getattr(regularization, entry["class"], None)
         if not isinstance(cls, type) or cls.__module__ != regularization.__name__ or entry[
@@ -438,7 +438,7 @@ def _tuples(value: Any) -> Any:
 
 def rebuild_graph(file: ModelFile) -> Graph:
     """Replay the saved builder calls; the nodes must come out named as they were saved."""
-    from .graph import Graph
+    from ..ir.graph import Graph
     spec = file.document["graph"]
     graph = Graph(spec["name"])
     for i, call in enumerate(spec["calls"]):

@@ -21,12 +21,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from .errors import GraphEngineError
-from .fusion import FusedDense
+from ..errors import GraphEngineError
+from ..compiler.fusion import FusedDense
 
 if TYPE_CHECKING:
-    from .compile import Plan
-    from .model import Model
+    from ..compiler.plan import Plan
+    from ..model import Model
 
 
 @dataclass
@@ -160,7 +160,7 @@ def profile(model: Model, feeds: Mapping[str, Any], *, steps: int = 10, fused: b
     steps); otherwise the parameters are left as they are. ``memory`` adds one traced pass for
     the allocation columns.
     """
-    from .model import _executed
+    from ..model import _executed
     if model.loss_name is None:
         raise GraphEngineError("profile() times training steps: compile the model with a loss")
     if update and model.optimizer is None:

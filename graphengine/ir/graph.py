@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 import networkx as nx
 import numpy as np
 
-from .base import ActivationOp, LossOp
-from .errors import GraphBuildError, GraphEngineError, ShapeError
-from .operators import (
+from ..ir.contracts import ActivationOp, LossOp
+from ..errors import GraphBuildError, GraphEngineError, ShapeError
+from ..ir.operators import (
     PRIMITIVES,
     Constant,
     Input,
@@ -29,12 +29,12 @@ from .operators import (
     TensorSpec,
     encode_index,
 )
-from .plugins import get_plugin_manager
+from ..plugins import get_plugin_manager
 
 if TYPE_CHECKING:
-    from .backend import Backend
-    from .base import Optimizer
-    from .model import Model
+    from ..runtime.backend import Backend
+    from ..ir.contracts import Optimizer
+    from ..model import Model
 
 DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
 
@@ -347,7 +347,7 @@ class Graph:
     def op(self, kind: str, *inputs: Tensor, name: str | None = None, **config: Any) -> Tensor:
         """A primitive operator by name: ``g.op("matmul", x, w)``."""
         if kind not in PRIMITIVES:
-            from .errors import UnknownNameError, did_you_mean
+            from ..errors import UnknownNameError, did_you_mean
             raise UnknownNameError(f"unknown primitive operator {kind!r}."
                                    f"{did_you_mean(kind, PRIMITIVES)} Primitives: "
                                    f"{', '.join(sorted(PRIMITIVES))}; layers and activations are "
@@ -457,9 +457,9 @@ class Graph:
         loss's link, e.g. softmax probabilities). ``parameters`` shares existing arrays by name
         (another model's, say) instead of initializing new ones. ``regularizer``, ``constraint``,
         ``clip_norm``, ``clip_value`` and ``schedule`` attach weight penalties, max-norm, gradient
-        clipping and a learning-rate schedule (see :mod:`graphengine.regularization`).
+        clipping and a learning-rate schedule (see :mod:`graphengine.train.regularization`).
         """
-        from .model import Model
+        from ..model import Model
         return Model(self, loss=loss, outputs=outputs, optimizer=optimizer, backend=backend,
                      seed=seed, parameters=parameters, **options)
 

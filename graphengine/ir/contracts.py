@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from .errors import ShapeError
-from .operators import Operator, TensorSpec, require_float
+from ..errors import ShapeError
+from ..ir.operators import Operator, TensorSpec, require_float
 
 if TYPE_CHECKING:
-    from .graph import Graph, Tensor
+    from ..ir.graph import Graph, Tensor
 
 
 class Activation:

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .errors import BackendError
+from ..errors import BackendError
 
 
 class Backend:

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from .base import ActivationOp
-from .operators import Add, MatMul, Operator
+from ..ir.contracts import ActivationOp
+from ..ir.operators import Add, MatMul, Operator
 
 
 class FusedDense(Operator):

@@ -28,11 +28,11 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import GraphEngineError, require_int
-from .graph import in_scope
+from ..errors import GraphEngineError, require_int
+from ..ir.graph import in_scope
 
 if TYPE_CHECKING:
-    from .model import Model
+    from ..model import Model
 
 #: Which parameters a penalty or constraint acts on: None (those with ``decay`` set), name
 #: patterns (a full name, or a layer prefix such as ``"fc1/"``), or a predicate on the name.

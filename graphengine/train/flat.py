@@ -177,7 +177,7 @@ class FlatParameters:
         """Let ``plan``'s fused steps write parameter gradients straight into the flat gradient
         buffers (no copy before the update), where a parameter has no other reader whose
         gradient would have to be added to it."""
-        from .fusion import FusedDense
+        from ..compiler.fusion import FusedDense
         fast = plan.fast
         if fast is None or not self.groups:
             return

@@ -15,7 +15,7 @@ import operator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .errors import ShapeError
+from ..errors import ShapeError
 
 Shape = tuple[int | None, ...]
 

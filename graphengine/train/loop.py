@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .base import LossOp
-from .errors import DataError, GraphEngineError, NumericalError, require_int
-from .plugins import get_plugin_manager
+from ..ir.contracts import LossOp
+from ..errors import DataError, GraphEngineError, NumericalError, require_int
+from ..plugins import get_plugin_manager
 
 if TYPE_CHECKING:
-    from .model import Model
+    from ..model import Model
 
 
 class History:

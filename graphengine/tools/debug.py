@@ -20,13 +20,13 @@ import weakref
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import NumericalError, ShapeError
+from ..errors import NumericalError, ShapeError
 
 if TYPE_CHECKING:
-    from .compile import Step
-    from .graph import Graph
-    from .model import Model
-    from .operators import Operator
+    from ..compiler.plan import Step
+    from ..ir.graph import Graph
+    from ..model import Model
+    from ..ir.operators import Operator
 
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("graphengine_debug", default=False)
 
