@@ -6,9 +6,6 @@ activations, losses, optimizers, initializers and backends are pluggy plugins.
 
 from __future__ import annotations
 
-from .runtime.backend import Backend
-from .ir.contracts import Activation, Initializer, Layer, Loss, Optimizer
-from .tools.debug import debug
 from .errors import (
     BackendError,
     CompileError,
@@ -24,11 +21,16 @@ from .errors import (
     ShapeError,
     UnknownNameError,
 )
+from .io.serialize import LoadReport, load
+from .ir.contracts import Activation, Initializer, Layer, Loss, Optimizer
 from .ir.graph import Graph, Tensor
-from .model import Model, get_backend, optimizer
 from .ir.operators import Operator, TensorSpec
+from .model import Model, get_backend, optimizer
 from .plugins import get_plugin_manager, hookimpl
+from .runtime.backend import Backend
+from .tools.debug import debug
 from .tools.profile import Profile, profile
+from .train.loop import Callback, Checkpoint, EarlyStopping, History
 from .train.regularization import (
     L1,
     L1L2,
@@ -41,8 +43,6 @@ from .train.regularization import (
     Schedule,
     StepDecay,
 )
-from .io.serialize import LoadReport, load
-from .train.loop import Callback, Checkpoint, EarlyStopping, History
 
 __version__ = "0.1.0"
 

@@ -18,10 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .runtime.backend import Backend
-from .ir.contracts import LossOp, Optimizer, fans
 from .compiler.plan import Plan, Step, build_plan, check_acyclic, check_loss
-from .tools.debug import debug_active, debug_observer, describe_node, fits, implementation
 from .errors import (
     BackendError,
     CompileError,
@@ -30,16 +27,19 @@ from .errors import (
     OperatorError,
     ShapeError,
 )
-from .train.flat import FlatParameters
+from .ir.contracts import LossOp, Optimizer, fans
 from .ir.graph import in_scope, split_init
 from .ir.operators import Parameter
 from .plugins import get_plugin_manager
+from .runtime.backend import Backend
+from .tools.debug import debug_active, debug_observer, describe_node, fits, implementation
+from .train.flat import FlatParameters
 from .train.regularization import Schedule, install
 
 if TYPE_CHECKING:
+    from .io.serialize import LoadReport
     from .ir.graph import Graph, Tensor
     from .tools.profile import Profile
-    from .io.serialize import LoadReport
     from .train.loop import History
 
 Feeds = Mapping[str, Any]

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from .runtime.backend import Backend
-from .model import get_backend
 from .ir.operators import Operator
+from .model import get_backend
 from .plugins import PluginManager, get_plugin_manager, set_plugin_manager
+from .runtime.backend import Backend
 
 
 class GradientCheckError(AssertionError):

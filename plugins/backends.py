@@ -17,8 +17,8 @@ import numpy as np
 from numpy.lib.mixins import NDArrayOperatorsMixin
 
 import graphengine as ge
-from graphengine.runtime.backend import module_namespace
 from graphengine.errors import BackendError
+from graphengine.runtime.backend import module_namespace
 
 
 def _numpy_scatter_add(target, indices, values):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import graphengine as ge
-from graphengine.ir.contracts import ActivationOp
 from graphengine.errors import GraphBuildError, ShapeError
+from graphengine.ir.contracts import ActivationOp
 from graphengine.ir.operators import TensorSpec
 from graphengine.testing import check_backward
 from plugins.activations import MaxoutOp, PReLUOp

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import graphengine as ge
-from graphengine.ir.contracts import fans
 from graphengine.errors import GraphBuildError
+from graphengine.ir.contracts import fans
 
 #: The plugins whose initializers this file covers.
 BUILT_IN_PLUGINS = ("initializers", "recurrent")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import graphengine as ge
-from graphengine.ir.contracts import LossOp
 from graphengine.errors import ShapeError
+from graphengine.ir.contracts import LossOp
 from graphengine.testing import check_backward
 
 rng = np.random.default_rng(0)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import graphengine as ge
-from graphengine.ir.contracts import ActivationOp
 from graphengine.compiler.fusion import FusedDense, fusible_activation
+from graphengine.ir.contracts import ActivationOp
 from graphengine.testing import check_backward
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from graphengine.errors import GraphEngineError
+from graphengine.ir.operators import Parameter
 from graphengine.model import Model
 from graphengine.tools.monitor import GradientMonitor, Record, find_monitor
-from graphengine.ir.operators import Parameter
 
 
 def parameter_order(model: Model) -> list[str]:

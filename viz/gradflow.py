@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from graphengine.errors import GraphEngineError
+from graphengine.ir.operators import Parameter
 from graphengine.model import Model
 from graphengine.tools.monitor import (
     ACTIVATION_HEALTH,
@@ -36,7 +37,6 @@ from graphengine.tools.monitor import (
     Record,
     find_monitor,
 )
-from graphengine.ir.operators import Parameter
 from graphengine.train.loop import History
 
 #: Activation kinds whose outputs can saturate (sigmoid, tanh): the advice names them.

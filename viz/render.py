@@ -24,9 +24,9 @@ import graphviz
 
 from graphengine.errors import GraphEngineError
 from graphengine.ir.graph import in_scope
+from graphengine.ir.operators import Constant, Input, Parameter
 from graphengine.model import Model
 from graphengine.tools.monitor import GradientMonitor, NodeStats, Record
-from graphengine.ir.operators import Constant, Input, Parameter
 
 from .gradflow import Diagnosis, NodeHealth, NoStatisticsError, diagnose, layer_kinds, shape_text
 

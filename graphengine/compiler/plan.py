@@ -17,8 +17,8 @@ from dataclasses import dataclass, field, replace
 
 import networkx as nx
 
-from ..errors import CompileError
 from ..compiler.fusion import backward_parts, fuse_dense
+from ..errors import CompileError
 from ..ir.operators import Constant, Input, Operator, Parameter, TensorSpec
 
 

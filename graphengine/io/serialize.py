@@ -40,10 +40,10 @@ from ..ir.graph import in_scope
 from ..plugins import get_plugin_manager
 
 if TYPE_CHECKING:
-    from ..runtime.backend import Backend
     from ..ir.contracts import Optimizer
     from ..ir.graph import Graph
     from ..model import Model
+    from ..runtime.backend import Backend
 
 FORMAT = "graphengine-model"
 #: Bumped whenever a file written by this version could not be read by an older one.

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import networkx as nx
 import numpy as np
 
-from ..ir.contracts import ActivationOp, LossOp
 from ..errors import GraphBuildError, GraphEngineError, ShapeError
+from ..ir.contracts import ActivationOp, LossOp
 from ..ir.operators import (
     PRIMITIVES,
     Constant,
@@ -32,9 +32,9 @@ from ..ir.operators import (
 from ..plugins import get_plugin_manager
 
 if TYPE_CHECKING:
-    from ..runtime.backend import Backend
     from ..ir.contracts import Optimizer
     from ..model import Model
+    from ..runtime.backend import Backend
 
 DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
 

@@ -25,8 +25,8 @@ from ..errors import NumericalError, ShapeError
 if TYPE_CHECKING:
     from ..compiler.plan import Step
     from ..ir.graph import Graph
-    from ..model import Model
     from ..ir.operators import Operator
+    from ..model import Model
 
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("graphengine_debug", default=False)
 

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from ..errors import GraphEngineError
 from ..compiler.fusion import FusedDense
+from ..errors import GraphEngineError
 
 if TYPE_CHECKING:
     from ..compiler.plan import Plan

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..ir.contracts import LossOp
 from ..errors import DataError, GraphEngineError, NumericalError, require_int
+from ..ir.contracts import LossOp
 from ..plugins import get_plugin_manager
 
 if TYPE_CHECKING:
