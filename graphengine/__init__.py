@@ -25,9 +25,10 @@ from .io.serialize import LoadReport, load
 from .ir.contracts import Activation, Initializer, Layer, Loss, Optimizer
 from .ir.graph import Graph, Tensor
 from .ir.operators import Operator, TensorSpec
-from .model import Model, get_backend, optimizer
+from .model import Model
 from .plugins import get_plugin_manager, hookimpl
-from .runtime.backend import Backend
+from .runtime.backend import Backend, get_backend
+from .runtime.executor import Observer
 from .tools.debug import debug
 from .tools.profile import Profile, profile
 from .train.loop import Callback, Checkpoint, EarlyStopping, History
@@ -43,6 +44,7 @@ from .train.regularization import (
     Schedule,
     StepDecay,
 )
+from .train.update import optimizer
 
 __version__ = "0.1.0"
 
@@ -76,7 +78,7 @@ __all__ = [
     "Activation", "Backend", "BackendError", "Callback", "Checkpoint", "CompileError", "DataError",
     "EarlyStopping", "FeedError", "Graph", "GraphBuildError", "GraphEngineError", "History",
     "Initializer", "Layer", "LoadReport", "Loss",
-    "Model", "NumericalError", "Operator", "OperatorError", "Optimizer", "Profile",
+    "Model", "NumericalError", "Observer", "Operator", "OperatorError", "Optimizer", "Profile",
     "PluginConflictError", "PluginError",
     "SerializationError", "ShapeError", "Tensor", "TensorSpec", "UnknownNameError", "concat",
     "debug", "exp", "get_backend", "get_plugin_manager", "hookimpl", "load", "log", "maximum", "optimizer",

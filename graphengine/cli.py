@@ -1,68 +1,54 @@
-"""The ``graphengine`` command."""
+"""The ``graphengine`` command. Its subcommands come from plugins (the
+``graphengine_register_commands`` hook); ``graphengine plugins`` lists them all."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Sequence
 
-from .plugins import get_plugin_manager
-
-#: Subcommands: name -> (configure parser, run). Other modules add theirs with `command`.
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
-                          Callable[[argparse.Namespace], int]]] = {}
+from .errors import PluginError
+from .plugins import Entry, PluginWarning, get_plugin_manager
 
 
-def command(name: str, configure: Callable[[argparse.ArgumentParser], None]):
-    def decorate(run: Callable[[argparse.Namespace], int]):
-        COMMANDS[name] = (configure, run)
-        return run
-    return decorate
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, with a subcommand per command registered now."""
+    parser = argparse.ArgumentParser(
+        prog="graphengine", description="The graphengine command line.",
+        epilog="Commands come from plugins: `graphengine plugins` lists what each plugin "
+               "registered, and the plugins disabled or failed to load.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for entry in get_plugin_manager().commands.entries():
+        command = entry.obj
+        p = sub.add_parser(entry.name, help=command.help, description=command.help)
+        p.set_defaults(run=command.run)
+        _configure(entry, p)
+    return parser
 
 
-def _plugins_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-
-
-@command("plugins", _plugins_args)
-def plugins_command(args: argparse.Namespace) -> int:
-    """List installed plugins, what each registered, and any load errors."""
-    report = get_plugin_manager().report()
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    for plugin in report:
-        origin = plugin["distribution"] or "-"
-        version = f" {plugin['version']}" if plugin["version"] else ""
-        state = " [disabled]" if plugin["disabled"] else (" [ERROR]" if plugin["error"] else "")
-        print(f"{plugin['name']}  ({origin}{version}){state}")
-        for kind, names in sorted(plugin["registered"].items()):
-            print(f"    {kind}: {', '.join(names)}")
-        if plugin["error"]:
-            print(f"    error: {plugin['error']}")
-    return 0
-
-
-def _load_subcommand_modules() -> None:
-    # Subcommands living outside the core (the visualizer's) register themselves on import;
-    # the core does not depend on them, so a missing one only drops its commands.
+def _configure(entry: Entry, parser: argparse.ArgumentParser) -> None:
+    """Let the command add its options; a command whose ``configure`` fails reports that when
+    run, and the others keep working (GRAPHENGINE_STRICT_PLUGINS=1 makes it fatal)."""
     try:
-        import viz.cli  # noqa: F401
-    except ImportError:
-        pass
+        entry.obj.configure(parser)
+    except Exception as exc:
+        message = (f"command {entry.name!r} from {entry.origin()} failed to set up its options: "
+                   f"{type(exc).__name__}: {exc}")
+        if os.environ.get("GRAPHENGINE_STRICT_PLUGINS") == "1":
+            raise PluginError(message) from exc
+        warnings.warn(message + "; the other commands keep working", PluginWarning, stacklevel=3)
+
+        def broken(args: argparse.Namespace) -> int:
+            print(f"graphengine {entry.name}: {message}", file=sys.stderr)
+            return 1
+
+        parser.set_defaults(run=broken)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _load_subcommand_modules()
-    parser = argparse.ArgumentParser(prog="graphengine", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (configure, run) in sorted(COMMANDS.items()):
-        p = sub.add_parser(name, help=(run.__doc__ or "").strip().splitlines()[0] if run.__doc__ else None)
-        configure(p)
-        p.set_defaults(run=run)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except BrokenPipeError:  # `graphengine plugins | head`: the reader left, which is fine

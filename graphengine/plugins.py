@@ -1,8 +1,9 @@
 """The plugin system: hook specifications, registries and entry-point loading.
 
 Everything graphengine can build with (backends, layers, activations, losses, optimizers,
-initializers) comes from a plugin, the built-in ones included: they are registered through the
-entry-point group ``graphengine`` exactly as a third-party package's are.
+initializers), and the subcommands of the ``graphengine`` command line, come from a plugin, the
+built-in ones included: they are registered through the entry-point group ``graphengine`` exactly
+as a third-party package's are. Only the ``graphengine plugins`` command is the core's own.
 
 A plugin is a module (or object) with functions marked ``@graphengine.hookimpl``::
 
@@ -26,16 +27,20 @@ keep working, unless ``GRAPHENGINE_STRICT_PLUGINS=1`` makes such failures fatal.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from .errors import PluginConflictError, PluginError, UnknownNameError, did_you_mean
+
+if TYPE_CHECKING:
+    import argparse
 
 PROJECT = "graphengine"
 ENTRY_POINT_GROUP = "graphengine"
@@ -98,10 +103,47 @@ class HookSpecs:
         """Register parameter initializers: subclasses of :class:`graphengine.Initializer`,
         called as ``init(rng, shape, fan_in, fan_out) -> numpy.ndarray``."""
 
+    @hookspec
+    def graphengine_register_commands(self, register: Register) -> None:
+        """Register subcommands of the ``graphengine`` command line (``graphengine render ...``).
 
-KINDS = ("backends", "layers", "activations", "losses", "optimizers", "initializers")
+        Called once, when the plugin is loaded, like the other hooks: not each time the command
+        line runs. The callback here takes a command rather than a class:
+
+        ``register(name, configure, run, *, help=None, override=False)``
+
+        - ``name``: what the user types after ``graphengine``; no spaces, no leading ``-``.
+        - ``configure(parser: argparse.ArgumentParser) -> None`` adds the command's arguments and
+          options to its own parser. It runs each time the command line is built, for every
+          command, so it should only add arguments.
+        - ``run(args: argparse.Namespace) -> int`` does the work with the parsed arguments and
+          returns the exit status (0 for success).
+        - ``help``: the one line ``graphengine --help`` shows; by default the first line of
+          ``run``'s docstring.
+
+        Every program that looks up a registry imports the plugin's module, so keep its
+        module-level imports light and import what the command needs inside ``run``. A name
+        already registered (``plugins`` is the core's own command) is an error naming both
+        plugins, unless ``override=True``.
+        """
+
+
+KINDS = ("backends", "layers", "activations", "losses", "optimizers", "initializers", "commands")
 #: "a loss", "a layer": how messages name one thing of a kind.
 SINGULAR = {kind: kind[:-1] for kind in KINDS} | {"losses": "loss"}
+#: The name the core's own contributions (the ``plugins`` command) are listed under.
+CORE_PLUGIN = "graphengine"
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand of the ``graphengine`` command line, as registered by a plugin (the
+    registry of kind ``"commands"`` holds these)."""
+
+    name: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    help: str | None = None
 
 
 @dataclass
@@ -217,6 +259,9 @@ class PluginManager:
             if self._loaded:
                 return
             self._loaded = True
+            core = self.register(_Core(self), name=CORE_PLUGIN, distribution=CORE_PLUGIN,
+                                 version=_version(CORE_PLUGIN))
+            core.module = __name__
             if self._load_entry_points:
                 self._from_entry_point = True
                 try:
@@ -261,8 +306,10 @@ class PluginManager:
                 hook = getattr(self.pm.hook, f"graphengine_register_{kind}")
                 impls = [i for i in hook.get_hookimpls() if i.plugin_name == name]
                 for impl in impls:
+                    registrar = (self._command_registrar(record) if kind == "commands"
+                                 else self._registrar(kind, record))
                     try:
-                        impl.function(register=self._registrar(kind, record))
+                        impl.function(register=registrar)
                     except Exception as exc:
                         self._fail(record, exc, f"failed while registering {kind}")
             return record
@@ -281,6 +328,29 @@ class PluginManager:
             entry = Entry(name, obj, record.name, record.distribution, tuple(aliases))
             registry.add(entry, override)
             record.registered.setdefault(kind, []).append(name)
+
+        return register
+
+    def _command_registrar(self, record: PluginRecord) -> Register:
+        """The ``register`` callback of ``graphengine_register_commands``: it takes the parts
+        of a :class:`Command`, and files the command in the ``commands`` registry."""
+        registry = self.registries["commands"]
+
+        def register(name: str, configure: Callable[[argparse.ArgumentParser], None],
+                     run: Callable[[argparse.Namespace], int], *, help: str | None = None,
+                     override: bool = False) -> None:
+            if not isinstance(name, str) or not name or name.startswith("-") or name.split() != [name]:
+                raise PluginError(f"plugin {record.name!r} registered a command with an invalid "
+                                  f"name {name!r}: one word, not starting with '-'")
+            for part, value in (("configure", configure), ("run", run)):
+                if not callable(value):
+                    raise PluginError(f"plugin {record.name!r} registered command {name!r} with "
+                                      f"{part}={value!r}, which is not callable")
+            if help is None and run.__doc__:
+                help = run.__doc__.strip().splitlines()[0]
+            entry = Entry(name, Command(name, configure, run, help), record.name, record.distribution)
+            registry.add(entry, override)
+            record.registered.setdefault("commands", []).append(name)
 
         return register
 
@@ -304,6 +374,46 @@ class PluginManager:
     def report(self) -> list[dict[str, Any]]:
         self.load()
         return [r.as_dict() for r in sorted(self.records.values(), key=lambda r: r.name)]
+
+
+class _Core:
+    """The core's own contributions, registered first by every manager (not through an entry
+    point, and not disabled by GRAPHENGINE_DISABLE_PLUGINS): the ``graphengine plugins`` command."""
+
+    def __init__(self, manager: PluginManager) -> None:
+        self.manager = manager
+
+    @hookimpl
+    def graphengine_register_commands(self, register: Register) -> None:
+        register("plugins", self.plugins_options, self.plugins_command)
+
+    @staticmethod
+    def plugins_options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+    def plugins_command(self, args: argparse.Namespace) -> int:
+        """List installed plugins, what each registered, and any load errors."""
+        report = self.manager.report()
+        if args.json:
+            print(json.dumps(report, indent=2))
+            return 0
+        for plugin in report:
+            origin = plugin["distribution"] or "-"
+            version = f" {plugin['version']}" if plugin["version"] else ""
+            state = " [disabled]" if plugin["disabled"] else (" [ERROR]" if plugin["error"] else "")
+            print(f"{plugin['name']}  ({origin}{version}){state}")
+            for kind, names in sorted(plugin["registered"].items()):
+                print(f"    {kind}: {', '.join(names)}")
+            if plugin["error"]:
+                print(f"    error: {plugin['error']}")
+        return 0
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 _manager: PluginManager | None = None

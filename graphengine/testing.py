@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from .ir.operators import Operator
-from .model import get_backend
 from .plugins import PluginManager, get_plugin_manager, set_plugin_manager
-from .runtime.backend import Backend
+from .runtime.backend import Backend, get_backend
+from .runtime.tape import Context
 
 
 class GradientCheckError(AssertionError):
@@ -28,9 +29,9 @@ def check_backward(op: Operator | Callable[[], Operator], inputs: Sequence[np.nd
                    training: bool = True) -> None:
     """Check ``op.backward`` against a central difference of ``op.forward``.
 
-    ``op`` may be a factory; a fresh operator then runs each evaluation (for operators keeping
-    state between forward and backward). Inputs are cast to float64 (integer inputs stay as they
-    are and are not checked). For a random direction ``d`` per input and a random output weight
+    ``op`` may be a factory of operators. Each evaluation gets a fresh context (``ctx``), as
+    each call in a run does; ``training`` is the mode it reports. Inputs are cast to float64
+    (integer inputs stay as they are and are not checked). For a random direction ``d`` per input and a random output weight
     ``w``, it compares ``sum(w * (f(x + eps d) - f(x - eps d))) / 2 eps`` with
     ``sum(backward(w) * d)``. Raises :class:`GradientCheckError` with both numbers on mismatch.
     """
@@ -42,21 +43,20 @@ def check_backward(op: Operator | Callable[[], Operator], inputs: Sequence[np.nd
             for a in inputs]
     differentiable = [a.dtype.kind == "f" for a in host]
 
-    def run(arrays: list[np.ndarray]) -> tuple[Operator, Any, tuple]:
+    def run(arrays: list[np.ndarray]) -> tuple[Operator, Context, Any, tuple]:
         operator = factory()
-        operator.training = training
-        operator.rng = _FixedRng(be, seed)
+        ctx = Context(SimpleNamespace(training=training, rng=_FixedRng(be, seed)))
         device = tuple(be.asarray(a) for a in arrays)
-        return operator, operator.forward(xp, *device), device
+        return operator, ctx, operator.forward(ctx, xp, *device), device
 
-    operator, output, device_inputs = run(host)
+    operator, ctx, output, device_inputs = run(host)
     out_host = be.to_numpy(output)
     if out_host.dtype != np.float64:
         raise GradientCheckError(f"{operator!r}: float64 inputs gave a {out_host.dtype} output; "
                                  f"operators must keep the input dtype")
     weight = rng.standard_normal(out_host.shape) if grad_output is None else np.asarray(grad_output)
     kept = tuple(d if i in operator.retain_inputs else None for i, d in enumerate(device_inputs))
-    grads = operator.backward(xp, kept, output if operator.retain_output else None,
+    grads = operator.backward(ctx, xp, kept, output if operator.retain_output else None,
                               be.asarray(weight))
     if len(grads) != len(host):
         raise GradientCheckError(f"{operator!r}: backward returned {len(grads)} gradients for "
@@ -77,7 +77,7 @@ def check_backward(op: Operator | Callable[[], Operator], inputs: Sequence[np.nd
     def shifted(sign: float) -> float:
         arrays = [a + sign * eps * d if d is not None and i not in operator.nondifferentiable_inputs
                   else a for i, (a, d) in enumerate(zip(host, directions))]
-        return float(np.sum(be.to_numpy(run(arrays)[1]) * weight))
+        return float(np.sum(be.to_numpy(run(arrays)[2]) * weight))
 
     numeric = (shifted(1.0) - shifted(-1.0)) / (2 * eps)
     if not np.isclose(analytic, numeric, atol=atol, rtol=rtol):
@@ -125,3 +125,9 @@ def available_backends(include_strict: bool = True) -> list[str]:
         if entry.obj.unavailable_reason() is None and (include_strict or entry.name != "strict"):
             names.append(entry.name)
     return names
+
+
+def make_context(training: bool = True, rng: Any = None) -> Context:
+    """A context for calling an operator's ``forward`` and ``backward`` by hand, outside a model:
+    ``ctx = make_context(); y = op.forward(ctx, np, x); op.backward(ctx, np, (x,), y, dy)``."""
+    return Context(SimpleNamespace(training=training, rng=rng))

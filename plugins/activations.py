@@ -13,6 +13,7 @@ from typing import Any
 import graphengine as ge
 from graphengine.errors import ShapeError, require_int
 from graphengine.ir.operators import TensorSpec, require_float, same_dtype
+from graphengine.tools.monitor import SATURATED_SLOPE
 
 
 def sigmoid(xp: Any, x: Any) -> Any:
@@ -30,6 +31,26 @@ def log_softmax(xp: Any, x: Any) -> Any:
     """log(softmax(x)) over the last axis, computed without overflow."""
     shifted = x - x.max(axis=-1, keepdims=True)
     return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+# Health measures (see ge.Activation.health): fractions of an output, batch first, on the device.
+
+def dead_fraction(xp: Any, y: Any) -> Any:
+    """The share of units that no example of the batch activates (``y <= 0`` all along the
+    batch axis): dead on this batch, they pass no gradient."""
+    return xp.mean(xp.all(y <= 0, axis=0))
+
+
+def sigmoid_saturation(xp: Any, y: Any) -> Any:
+    """The share of sigmoid outputs whose slope ``y (1 - y)`` is below ``SATURATED_SLOPE`` of
+    its peak, 1/4."""
+    return xp.mean(y * (1 - y) < 0.25 * SATURATED_SLOPE)
+
+
+def tanh_saturation(xp: Any, y: Any) -> Any:
+    """The share of tanh outputs whose slope ``1 - y^2`` is below ``SATURATED_SLOPE`` of its
+    peak, 1."""
+    return xp.mean(1 - y * y < SATURATED_SLOPE)
 
 
 def _positive(value: Any, what: str) -> float:
@@ -50,6 +71,7 @@ class Identity(ge.Activation):
 
 class Sigmoid(ge.Activation):
     keeps = ("y",)
+    health = "saturation"
 
     def forward(self, xp, x):
         return sigmoid(xp, x)
@@ -57,9 +79,13 @@ class Sigmoid(ge.Activation):
     def backward(self, xp, x, y, dy):
         return dy * y * (1 - y)
 
+    def measure_health(self, xp, y):
+        return sigmoid_saturation(xp, y)
+
 
 class Tanh(ge.Activation):
     keeps = ("y",)
+    health = "saturation"
 
     def forward(self, xp, x):
         return xp.tanh(x)
@@ -67,15 +93,22 @@ class Tanh(ge.Activation):
     def backward(self, xp, x, y, dy):
         return dy * (1 - y * y)
 
+    def measure_health(self, xp, y):
+        return tanh_saturation(xp, y)
+
 
 class ReLU(ge.Activation):
     keeps = ("y",)
+    health = "dead_fraction"
 
     def forward(self, xp, x):
         return xp.maximum(x, 0)
 
     def backward(self, xp, x, y, dy):
         return dy * (y > 0)
+
+    def measure_health(self, xp, y):
+        return dead_fraction(xp, y)
 
 
 class LeakyReLU(ge.Activation):
@@ -200,10 +233,10 @@ class PReLUOp(ge.Operator):
         shape[self.axis] = slope.shape[0]
         return slope.reshape(tuple(shape))
 
-    def forward(self, xp, x, slope):
+    def forward(self, ctx, xp, x, slope):
         return xp.where(x > 0, x, self._broadcast(slope, x.ndim) * x)
 
-    def backward(self, xp, inputs, output, grad):
+    def backward(self, ctx, xp, inputs, output, grad):
         x, slope = inputs
         positive = x > 0
         grad_x = xp.where(positive, grad, self._broadcast(slope, x.ndim) * grad)
@@ -240,7 +273,6 @@ class MaxoutOp(ge.Operator):
     The gradient goes to the winner of each group (the first one on a tie)."""
 
     kind = "maxout"
-    state_for_backward = ("winner",)
 
     def __init__(self, pieces: int) -> None:
         self.pieces = pieces
@@ -256,13 +288,13 @@ class MaxoutOp(ge.Operator):
                              f"got {z.shape}")
         return TensorSpec(z.shape[:-1] + (features // self.pieces,), z.dtype)
 
-    def forward(self, xp, z):
+    def forward(self, ctx, xp, z):
         groups = z.reshape(z.shape[:-1] + (z.shape[-1] // self.pieces, self.pieces))
-        self.winner = groups.argmax(axis=-1)
+        ctx.winner = groups.argmax(axis=-1)
         return groups.max(axis=-1)
 
-    def backward(self, xp, inputs, output, grad):
-        chosen = xp.arange(self.pieces) == self.winner[..., None]
+    def backward(self, ctx, xp, inputs, output, grad):
+        chosen = xp.arange(self.pieces) == ctx.winner[..., None]
         grad_groups = grad[..., None] * chosen
         return (grad_groups.reshape(grad.shape[:-1] + (grad.shape[-1] * self.pieces,)),)
 

@@ -156,11 +156,10 @@ class Conv2D(ge.Operator):
     """2-D cross-correlation of NCHW ``x`` with a kernel ``w`` (filters, channels, kh, kw), plus
     an optional bias ``b`` (filters,).
 
-    Keeps its im2col matrix and kernel matrix on ``self`` for backward, not its inputs.
+    Keeps its im2col matrix and kernel matrix on its context for backward, not its inputs.
     """
 
     kind = "conv2d"
-    state_for_backward = ("cols", "kernel")
 
     def __init__(self, stride: int | Sequence[int] = 1, padding: Any = 0) -> None:
         self.stride = _pair(stride, "stride")
@@ -183,7 +182,7 @@ class Conv2D(ge.Operator):
         self.window = Window.resolve((kh, kw), self.stride, self.padding, (height, width))
         return TensorSpec((x.shape[0], filters, *self.window.out_size), dtype)
 
-    def forward(self, xp, x, w, b=None):
+    def forward(self, ctx, xp, x, w, b=None):
         n, channels = x.shape[:2]
         filters = w.shape[0]
         depth = w.shape[2] * w.shape[3] * channels
@@ -207,32 +206,32 @@ class Conv2D(ge.Operator):
         if b is not None:
             cols[..., depth] = 1
             kernel[depth] = b
-        self.cols = cols.reshape(-1, width)
-        self.kernel, self.kernel_shape, self.has_bias = kernel, w.shape, b is not None
-        self.padded_shape = padded.shape[0], *self.window.padded_size, channels
-        out = self.cols @ kernel
+        ctx.cols = cols.reshape(-1, width)
+        ctx.kernel, ctx.kernel_shape, ctx.has_bias = kernel, w.shape, b is not None
+        ctx.padded_shape = padded.shape[0], *self.window.padded_size, channels
+        out = ctx.cols @ kernel
         return _channels_first(out.reshape(n, *self.window.out_size, filters))
 
-    def backward(self, xp, inputs, output, grad):
-        filters, channels, kh, kw = self.kernel_shape
+    def backward(self, ctx, xp, inputs, output, grad):
+        filters, channels, kh, kw = ctx.kernel_shape
         depth = kh * kw * channels
         grad_rows = _channels_last(grad).reshape(-1, filters)
-        grad_kernel = self.cols.T @ grad_rows
+        grad_kernel = ctx.cols.T @ grad_rows
         grad_w = xp.ascontiguousarray(
             grad_kernel[:depth].reshape(kh, kw, channels, filters).transpose(3, 2, 0, 1))
-        grad_b = grad_kernel[depth] if self.has_bias else None
-        if not self.grad_wanted(0):  # the first layer's: the image's gradient is rarely asked for
-            return (None, grad_w, grad_b)[:2 + self.has_bias]
+        grad_b = grad_kernel[depth] if ctx.has_bias else None
+        if not ctx.grad_wanted(0):  # the first layer's: the image's gradient is rarely asked for
+            return (None, grad_w, grad_b)[:2 + ctx.has_bias]
         # Each tap's share of the input gradient comes out of its own small product, so that it
         # is a contiguous (N, out_h, out_w, C) block: adding it into the input's pixels then
         # runs over whole rows instead of C values at a time.
-        tap_kernels = self.kernel[:depth].reshape(kh * kw, channels, filters)
-        grad_padded = xp.zeros(self.padded_shape, dtype=grad.dtype)
+        tap_kernels = ctx.kernel[:depth].reshape(kh * kw, channels, filters)
+        grad_padded = xp.zeros(ctx.padded_shape, dtype=grad.dtype)
         for where, tap_kernel in zip(self.window.taps(), tap_kernels):
             grad_padded[where] += (grad_rows @ tap_kernel.T).reshape(
                 grad.shape[0], *self.window.out_size, channels)
         grad_x = _channels_first(self.window.unpad(grad_padded))
-        return (grad_x, grad_w, grad_b)[:2 + self.has_bias]
+        return (grad_x, grad_w, grad_b)[:2 + ctx.has_bias]
 
 
 # --------------------------------------------------------------------------- pooling
@@ -266,15 +265,16 @@ class Pool2D(ge.Operator):
                              f"windows would hold padding only")
         return TensorSpec((x.shape[0], channels, *self.window.out_size), x.dtype)
 
-    def _pass_shapes(self, padded_shape: tuple[int, ...]) -> None:
-        n, _, width, channels = padded_shape
-        self.shapes = {1: padded_shape, 2: (n, self.window.out_size[0], width, channels)}
+    def _pass_shapes(self, n: int, channels: int) -> dict[int, tuple[int, ...]]:
+        """The channels-last shapes the row pass (1) and the column pass (2) read."""
+        height, width = self.window.padded_size
+        return {1: (n, height, width, channels), 2: (n, self.window.out_size[0], width, channels)}
 
-    def _spread(self, xp, grad, axis: int, winners: Any = None) -> Any:
+    def _spread(self, xp, grad, axis: int, shapes: dict, winners: Any = None) -> Any:
         """Backward of one pass: each tap's slab gets ``grad`` where it won (max pooling) or
         everywhere (average pooling)."""
         kernel, stride = self.kernel[axis - 1], self.stride[axis - 1]
-        shape = self.shapes[axis]
+        shape = shapes[axis]
         # Taps that tile the pass exactly write every element once: no zeroing, no adding.
         tiled = stride == kernel and self.window.out_size[axis - 1] * stride == shape[axis]
         out = (xp.empty if tiled else xp.zeros)(shape, dtype=grad.dtype)
@@ -288,25 +288,24 @@ class Pool2D(ge.Operator):
         return out
 
     def _backward_passes(self, xp, grad, winners=(None, None)) -> Any:
-        grad_rows = self._spread(xp, _channels_last(grad), 2, winners[1])
-        return _channels_first(self.window.unpad(self._spread(xp, grad_rows, 1, winners[0])))
+        shapes = self._pass_shapes(grad.shape[0], grad.shape[1])
+        grad_rows = self._spread(xp, _channels_last(grad), 2, shapes, winners[1])
+        return _channels_first(self.window.unpad(self._spread(xp, grad_rows, 1, shapes, winners[0])))
 
 
 class MaxPool2D(Pool2D):
     """Maximum over each window; the gradient goes to one maximum of the window (the first,
     in column-then-row order, where several tie).
 
-    Keeps on ``self`` which tap won each row pass and each column pass (one byte each)."""
+    Keeps on its context which tap won each row pass and each column pass (one byte each)."""
 
     kind = "max_pool2d"
-    state_for_backward = ("winners",)
 
-    def forward(self, xp, x):
+    def forward(self, ctx, xp, x):
         padded = self.window.pad(xp, _channels_last(x), -math.inf)
-        self._pass_shapes(padded.shape)
         rows, row_winners = self._max_pass(xp, padded, 1)
         out, col_winners = self._max_pass(xp, rows, 2)
-        self.winners = row_winners, col_winners
+        ctx.winners = row_winners, col_winners
         return _channels_first(out)
 
     def _max_pass(self, xp, x, axis: int) -> tuple[Any, Any]:
@@ -324,8 +323,8 @@ class MaxPool2D(Pool2D):
             xp.maximum(best, candidate, out=best)
         return best, xp.zeros(best.shape, dtype=xp.uint8) if winners is None else winners
 
-    def backward(self, xp, inputs, output, grad):
-        return (self._backward_passes(xp, grad, self.winners),)
+    def backward(self, ctx, xp, inputs, output, grad):
+        return (self._backward_passes(xp, grad, ctx.winners),)
 
 
 class AvgPool2D(Pool2D):
@@ -333,9 +332,8 @@ class AvgPool2D(Pool2D):
 
     kind = "avg_pool2d"
 
-    def forward(self, xp, x):
+    def forward(self, ctx, xp, x):
         padded = self.window.pad(xp, _channels_last(x), 0)
-        self._pass_shapes(padded.shape)
         rows = self._sum_pass(xp, padded, 1)
         out = self._sum_pass(xp, rows, 2)
         out *= 1.0 / (self.kernel[0] * self.kernel[1])
@@ -348,7 +346,7 @@ class AvgPool2D(Pool2D):
             total += x[where]
         return total
 
-    def backward(self, xp, inputs, output, grad):
+    def backward(self, ctx, xp, inputs, output, grad):
         return (self._backward_passes(xp, grad * (1.0 / (self.kernel[0] * self.kernel[1]))),)
 
 
@@ -383,15 +381,15 @@ class EmbeddingLookup(ge.Operator):
             raise ShapeError(f"the embedding table must be (vocabulary, dim), got {table.shape}")
         return TensorSpec(ids.shape + (table.shape[1],), table.dtype)
 
-    def forward(self, xp, ids, table):
+    def forward(self, ctx, xp, ids, table):
         _check_range(ids, table.shape[0], "embedding")
-        self.table_shape, self.dtype = table.shape, table.dtype
+        ctx.table_shape, ctx.dtype = table.shape, table.dtype
         return table[ids]
 
-    def backward(self, xp, inputs, output, grad):
+    def backward(self, ctx, xp, inputs, output, grad):
         ids = inputs[0]
-        grad_table = xp.zeros(self.table_shape, dtype=self.dtype)
-        xp.scatter_add(grad_table, ids.reshape(-1), grad.reshape(-1, self.table_shape[1]))
+        grad_table = xp.zeros(ctx.table_shape, dtype=ctx.dtype)
+        xp.scatter_add(grad_table, ids.reshape(-1), grad.reshape(-1, ctx.table_shape[1]))
         return None, grad_table
 
 
@@ -412,11 +410,11 @@ class OneHot(ge.Operator):
         _require_ids(ids, "one_hot")
         return TensorSpec(ids.shape + (self.depth,), self.dtype)
 
-    def forward(self, xp, ids):
+    def forward(self, ctx, xp, ids):
         _check_range(ids, self.depth, "one_hot")
         return (ids[..., None] == xp.arange(self.depth)).astype(self.dtype)
 
-    def backward(self, xp, inputs, output, grad):
+    def backward(self, ctx, xp, inputs, output, grad):
         return (None,)
 
 

@@ -50,7 +50,7 @@ class Recurrent(ge.Operator):
     optionally the initial states (each (batch, units)). Output: (batch, time, units) with
     ``return_sequences``, else the state after the last step (batch, units).
 
-    Keeps on ``self`` what backward reads, feature-major: the inputs with their ones row, the
+    Keeps on its context what backward reads, feature-major: the inputs with their ones row, the
     hidden states, the cell's activations; not the input arrays themselves.
     """
 
@@ -62,7 +62,6 @@ class Recurrent(ge.Operator):
     #: State names; ``h`` is the output, an LSTM also carries ``c``.
     states: ClassVar[tuple[str, ...]] = ("h",)
     extra_params: ClassVar[tuple[str, ...]] = ()
-    state_for_backward: ClassVar[tuple[str, ...]] = ("inputs", "hidden", "w", "u")
 
     def __init__(self, return_sequences: bool = False, reverse: bool = False) -> None:
         self.return_sequences = bool(return_sequences)
@@ -110,7 +109,7 @@ class Recurrent(ge.Operator):
         view = sequence.transpose(1, 2, 0)
         return view[::-1] if self.reverse else view
 
-    def forward(self, xp, x, w, u, b, *rest):
+    def forward(self, ctx, xp, x, w, u, b, *rest):
         extras = rest[:len(self.extra_params)]
         initial = rest[len(self.extra_params):]
         batch, steps, features = x.shape
@@ -124,38 +123,38 @@ class Recurrent(ge.Operator):
         projection = xp.matmul(kernel, inputs.transpose(1, 0, 2))  # (time, gates*units, batch)
         hidden = xp.empty((steps + 1, units, batch), dtype=x.dtype)
         hidden[0] = initial[0].T if initial else 0
-        self.run(xp, projection, hidden, xp.ascontiguousarray(u.T * scale), extras,
+        self.run(ctx, xp, projection, hidden, xp.ascontiguousarray(u.T * scale), extras,
                  tuple(s.T for s in initial[1:]))
-        self.inputs, self.hidden, self.w, self.u, self.initial_states = (
+        ctx.inputs, ctx.hidden, ctx.w, ctx.u, ctx.initial_states = (
             inputs, hidden, w, u, len(initial))
         if not self.return_sequences:
             return xp.ascontiguousarray(hidden[steps].T)
         outputs = hidden[:0:-1] if self.reverse else hidden[1:]
         return xp.ascontiguousarray(outputs.transpose(2, 0, 1))
 
-    def backward(self, xp, inputs, output, grad):
-        steps, units, batch = self.hidden.shape[0] - 1, self.hidden.shape[1], self.hidden.shape[2]
+    def backward(self, ctx, xp, inputs, output, grad):
+        steps, units, batch = ctx.hidden.shape[0] - 1, ctx.hidden.shape[1], ctx.hidden.shape[2]
         if self.return_sequences:
             grad_outputs = xp.ascontiguousarray(self._time_major(grad))
             grad_last = xp.zeros((units, batch), dtype=grad.dtype)
         else:
             grad_outputs, grad_last = None, grad.T.copy()  # the cells may add into it
         grad_projection, grad_recurrent, grad_extras, grad_states = self.run_backward(
-            xp, self.u, grad_last, grad_outputs)
+            ctx, xp, ctx.u, grad_last, grad_outputs)
         # Sums over steps and batch, one matrix product each, over (n, time * batch) matrices.
         flat_projection = _steps_as_columns(xp, grad_projection)
         flat_recurrent = (flat_projection if grad_recurrent is grad_projection
                           else _steps_as_columns(xp, grad_recurrent))
-        inputs = self.inputs.reshape(self.inputs.shape[0], -1)
+        inputs = ctx.inputs.reshape(ctx.inputs.shape[0], -1)
         grad_wb = inputs @ flat_projection.T
-        grad_u = _steps_as_columns(xp, self.hidden[:steps]) @ flat_recurrent.T
+        grad_u = _steps_as_columns(xp, ctx.hidden[:steps]) @ flat_recurrent.T
         grad_x = None
-        if self.grad_wanted(0):
-            grad_x = (self.w @ flat_projection).reshape(-1, steps, batch)  # (features, time, batch)
+        if ctx.grad_wanted(0):
+            grad_x = (ctx.w @ flat_projection).reshape(-1, steps, batch)  # (features, time, batch)
             grad_x = xp.ascontiguousarray(
                 (grad_x[:, ::-1] if self.reverse else grad_x).transpose(2, 1, 0))
         grads = (grad_x, grad_wb[:-1], grad_u, grad_wb[-1], *grad_extras)
-        return grads + tuple(xp.ascontiguousarray(s.T) for s in grad_states[:self.initial_states])
+        return grads + tuple(xp.ascontiguousarray(s.T) for s in grad_states[:ctx.initial_states])
 
     @staticmethod
     def step_grad(carry: Any, grad_outputs: Any, k: int) -> Any:
@@ -165,14 +164,14 @@ class Recurrent(ge.Operator):
 
     # -- the cell: subclasses ----------------------------------------------------------------
 
-    def run(self, xp: Any, projection: Any, hidden: Any, u_t: Any, extras: tuple,
+    def run(self, ctx: Any, xp: Any, projection: Any, hidden: Any, u_t: Any, extras: tuple,
             initial: tuple) -> None:
         """Fill ``hidden[1:]`` from ``hidden[0]``, each (units, batch), and the per-step input
         ``projection`` (time, gates*units, batch). ``u_t`` is ``U`` transposed; on the rows of
         sigmoid gates, ``projection`` and ``u_t`` are negated."""
         raise NotImplementedError
 
-    def run_backward(self, xp: Any, u: Any, grad_last: Any, grad_outputs: Any | None) -> tuple:
+    def run_backward(self, ctx: Any, xp: Any, u: Any, grad_last: Any, grad_outputs: Any | None) -> tuple:
         """Back through time. Returns the gradients of the projection and of ``U^T h`` (each
         (time, gates*units, batch)), of the extra parameters, and of the initial states (each
         (units, batch))."""
@@ -192,14 +191,14 @@ class SimpleRNN(Recurrent):
     gates = 1
     scales = (1.0,)
 
-    def run(self, xp, projection, hidden, u_t, extras, initial):
+    def run(self, ctx, xp, projection, hidden, u_t, extras, initial):
         for k in range(projection.shape[0]):
             z = xp.matmul(u_t, hidden[k], out=hidden[k + 1])
             z += projection[k]
             xp.tanh(z, out=z)
 
-    def run_backward(self, xp, u, grad_last, grad_outputs):
-        derivative = 1 - self.hidden[1:] ** 2
+    def run_backward(self, ctx, xp, u, grad_last, grad_outputs):
+        derivative = 1 - ctx.hidden[1:] ** 2
         grad_z = xp.empty_like(derivative)
         carry = grad_last
         for k in range(derivative.shape[0] - 1, -1, -1):
@@ -219,15 +218,14 @@ class LSTM(Recurrent):
     gates = 4
     scales = (-1.0, -1.0, -1.0, 1.0)  # three sigmoid gates, then the tanh candidate
     states = ("h", "c")
-    state_for_backward = (*Recurrent.state_for_backward, "acts", "cells", "tanh_cells")
 
-    def run(self, xp, projection, hidden, u_t, extras, initial):
+    def run(self, ctx, xp, projection, hidden, u_t, extras, initial):
         steps, width, batch = projection.shape
         units = width // 4
         sig = 3 * units
-        self.acts = acts = xp.empty_like(projection)
-        self.cells = cells = xp.empty((steps + 1, units, batch), dtype=projection.dtype)
-        self.tanh_cells = tanh_cells = xp.empty((steps, units, batch), dtype=projection.dtype)
+        ctx.acts = acts = xp.empty_like(projection)
+        ctx.cells = cells = xp.empty((steps + 1, units, batch), dtype=projection.dtype)
+        ctx.tanh_cells = tanh_cells = xp.empty((steps, units, batch), dtype=projection.dtype)
         kept = xp.empty((units, batch), dtype=projection.dtype)
         cells[0] = initial[0] if initial else 0
         for k in range(steps):
@@ -241,8 +239,8 @@ class LSTM(Recurrent):
             xp.tanh(c, out=tanh_cells[k])
             xp.multiply(a[2 * units:sig], tanh_cells[k], out=hidden[k + 1])
 
-    def run_backward(self, xp, u, grad_last, grad_outputs):
-        acts, cells, tanh_cells = self.acts, self.cells, self.tanh_cells
+    def run_backward(self, ctx, xp, u, grad_last, grad_outputs):
+        acts, cells, tanh_cells = ctx.acts, ctx.cells, ctx.tanh_cells
         steps, width, batch = acts.shape
         units = width // 4
         i, f, o, g = (slice(n * units, (n + 1) * units) for n in range(4))
@@ -284,15 +282,14 @@ class GRU(Recurrent):
     gates = 3
     scales = (-1.0, -1.0, 1.0)  # two sigmoids; the candidate's tanh takes r * (h U_n + bh)
     extra_params = ("bh",)
-    state_for_backward = (*Recurrent.state_for_backward, "gate_values", "candidates", "hidden_n")
 
-    def run(self, xp, projection, hidden, u_t, extras, initial):
+    def run(self, ctx, xp, projection, hidden, u_t, extras, initial):
         steps, width, batch = projection.shape
         units = width // 3
         bh = extras[0][:, None]
-        self.gate_values = gates = xp.empty((steps, 2 * units, batch), dtype=projection.dtype)
-        self.candidates = candidates = xp.empty((steps, units, batch), dtype=projection.dtype)
-        self.hidden_n = hidden_n = xp.empty((steps, units, batch), dtype=projection.dtype)
+        ctx.gate_values = gates = xp.empty((steps, 2 * units, batch), dtype=projection.dtype)
+        ctx.candidates = candidates = xp.empty((steps, units, batch), dtype=projection.dtype)
+        ctx.hidden_n = hidden_n = xp.empty((steps, units, batch), dtype=projection.dtype)
         hu = xp.empty((width, batch), dtype=projection.dtype)
         for k in range(steps):
             xp.matmul(u_t, hidden[k], out=hu)
@@ -306,8 +303,8 @@ class GRU(Recurrent):
             h *= rz[units:]
             h += n
 
-    def run_backward(self, xp, u, grad_last, grad_outputs):
-        gates, candidates, hidden_n, hidden = self.gate_values, self.candidates, self.hidden_n, self.hidden
+    def run_backward(self, ctx, xp, u, grad_last, grad_outputs):
+        gates, candidates, hidden_n, hidden = ctx.gate_values, ctx.candidates, ctx.hidden_n, ctx.hidden
         steps, units, batch = candidates.shape
         r, z, n = (slice(m * units, (m + 1) * units) for m in range(3))
         # What the steps need of the forward values, for all steps at once.

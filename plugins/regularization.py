@@ -1,8 +1,10 @@
 """Layers that regularize or stabilize training: ``dropout`` and ``batch_norm``.
 
-Both behave differently in training and in evaluation. The mode is the model's, explicit and
-visible: ``model.train()`` / ``model.eval()``; ``fit`` trains, ``predict`` and ``evaluate``
-evaluate. The model sets each operator's ``training`` flag and hands it ``rng``.
+Both behave differently in training and in evaluation. The mode is the run's, explicit and
+visible: ``model.train()`` / ``model.eval()`` set what ``forward`` runs in; ``fit`` trains,
+``predict``, ``run`` and ``evaluate`` evaluate. Each call reads the mode and the random
+generator from its context (``ctx.training``, ``ctx.rng``) and keeps its mask or batch
+statistics there, so runs never disturb each other.
 """
 
 from __future__ import annotations
@@ -17,14 +19,12 @@ from graphengine.ir.operators import TensorSpec, require_float, same_dtype
 class DropoutOp(ge.Operator):
     """Inverted dropout: in training, each element is zeroed with probability ``rate`` and the
     survivors are scaled by ``1 / (1 - rate)``, so evaluation needs no rescaling and is the
-    identity. Keeps its mask (one array the size of ``x``) between forward and backward."""
+    identity. Keeps its mask (one array the size of ``x``) on its context for backward."""
 
     kind = "dropout"
-    state_for_backward = ("mask",)
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
-        self.mask: Any = None
 
     def config(self) -> dict[str, Any]:
         return {"rate": self.rate}
@@ -33,16 +33,16 @@ class DropoutOp(ge.Operator):
         require_float(x)
         return x
 
-    def forward(self, xp, x):
-        if not self.training or self.rate == 0.0:
-            self.mask = None
+    def forward(self, ctx, xp, x):
+        if not ctx.training or self.rate == 0.0:
+            ctx.mask = None
             return x
-        keep = self.rng.random(x.shape, x.dtype) >= self.rate
-        self.mask = keep.astype(x.dtype) / (1.0 - self.rate)
-        return x * self.mask
+        keep = ctx.rng.random(x.shape, x.dtype) >= self.rate
+        ctx.mask = keep.astype(x.dtype) / (1.0 - self.rate)
+        return x * ctx.mask
 
-    def backward(self, xp, inputs, output, grad):
-        return (grad if self.mask is None else grad * self.mask,)
+    def backward(self, ctx, xp, inputs, output, grad):
+        return (grad if ctx.mask is None else grad * ctx.mask,)
 
 
 class Dropout(ge.Layer):
@@ -92,8 +92,8 @@ class BatchNormOp(ge.Operator):
         self.broadcast = tuple(features if i == self.axis % x.ndim else 1 for i in range(x.ndim))
         return x
 
-    def forward(self, xp, x, gamma, beta, running_mean, running_var):
-        if self.training:
+    def forward(self, ctx, xp, x, gamma, beta, running_mean, running_var):
+        if ctx.training:
             count = x.size // x.shape[self.axis]
             if count < 2:
                 raise ge.DataError(f"batch_norm in training needs at least 2 values per feature, "
@@ -105,18 +105,18 @@ class BatchNormOp(ge.Operator):
                                 + (1 - self.momentum) * var * (count / (count - 1)))
         else:
             mean, var = running_mean, running_var
-        self.mean = mean.reshape(self.broadcast)
-        self.inv_std = (1.0 / xp.sqrt(var + self.eps)).reshape(self.broadcast)
-        xhat = (x - self.mean) * self.inv_std
+        ctx.mean = mean.reshape(self.broadcast)
+        ctx.inv_std = (1.0 / xp.sqrt(var + self.eps)).reshape(self.broadcast)
+        xhat = (x - ctx.mean) * ctx.inv_std
         return gamma.reshape(self.broadcast) * xhat + beta.reshape(self.broadcast)
 
-    def backward(self, xp, inputs, output, grad):
+    def backward(self, ctx, xp, inputs, output, grad):
         x, gamma = inputs[0], inputs[1]
-        xhat = (x - self.mean) * self.inv_std
+        xhat = (x - ctx.mean) * ctx.inv_std
         grad_beta = grad.sum(axis=self.reduce)
         grad_gamma = (grad * xhat).sum(axis=self.reduce)
-        scale = gamma.reshape(self.broadcast) * self.inv_std
-        if not self.training:  # the statistics are constants here
+        scale = gamma.reshape(self.broadcast) * ctx.inv_std
+        if not ctx.training:  # the statistics are constants here
             return grad * scale, grad_gamma, grad_beta, None, None
         count = x.size // x.shape[self.axis]
         # d/dx through the batch mean and variance as well as directly.

@@ -9,7 +9,7 @@ import graphengine as ge
 from graphengine.errors import GraphBuildError, ShapeError
 from graphengine.ir.contracts import ActivationOp
 from graphengine.ir.operators import TensorSpec
-from graphengine.testing import check_backward
+from graphengine.testing import check_backward, make_context
 from plugins.activations import MaxoutOp, PReLUOp
 
 ACTIVATIONS = [
@@ -32,7 +32,7 @@ def activation_op(kind: str, **config) -> ActivationOp:
 
 
 def forward(kind: str, x: np.ndarray, **config) -> np.ndarray:
-    return activation_op(kind, **config).forward(np, x)
+    return activation_op(kind, **config).forward(make_context(), np, x)
 
 
 @pytest.mark.parametrize("kind, config", ACTIVATIONS, ids=lambda v: str(v))
@@ -70,10 +70,10 @@ def test_softplus_and_elu_do_not_overflow():
 def test_sign_passes_exactly_zero_gradient():
     op = activation_op("sign")
     x = np.array([-2.0, 0.3, 5.0])
-    (grad,) = op.backward(np, (None,), None, np.ones(3))
+    (grad,) = op.backward(make_context(), np, (None,), None, np.ones(3))  # needs no forward state
     np.testing.assert_array_equal(grad, np.zeros(3))
     assert op.retain_inputs == () and not op.retain_output
-    np.testing.assert_array_equal(op.forward(np, x), [-1, 1, 1])
+    np.testing.assert_array_equal(op.forward(make_context(), np, x), [-1, 1, 1])
 
 
 def test_activations_keep_only_what_backward_reads():
@@ -156,8 +156,12 @@ def test_maxout_op_backward(backend):
 def test_maxout_op_takes_the_max_of_each_group():
     z = np.array([[1.0, 5.0, -1.0, 7.0, 2.0, 0.0]])
     op = MaxoutOp(2)
-    np.testing.assert_array_equal(op.forward(np, z), [[5.0, 7.0, 2.0]])
-    (grad,) = op.backward(np, (None,), None, np.array([[10.0, 20.0, 30.0]]))
+    described = dict(vars(op))
+    ctx = make_context()
+    np.testing.assert_array_equal(op.forward(ctx, np, z), [[5.0, 7.0, 2.0]])
+    assert vars(op) == described  # the winners are the call's state, kept on its context
+    np.testing.assert_array_equal(ctx.winner, [[1, 1, 0]])
+    (grad,) = op.backward(ctx, np, (None,), None, np.array([[10.0, 20.0, 30.0]]))
     np.testing.assert_array_equal(grad, [[0, 10, 0, 20, 30, 0]])
 
 

@@ -44,12 +44,12 @@ def test_an_operator_that_leaks_numpy_fails_on_strict_backend():
     class HostMaskedScale(ge.Operator):
         kind = "host_masked_scale"
 
-        def forward(self, xp, x):
-            self.scale = np.full(x.shape, 2.0)  # a host array: works on numpy, fails on a GPU
-            return x * self.scale
+        def forward(self, ctx, xp, x):
+            ctx.scale = np.full(x.shape, 2.0)  # a host array: works on numpy, fails on a GPU
+            return x * ctx.scale
 
-        def backward(self, xp, inputs, output, grad):
-            return (grad * self.scale,)
+        def backward(self, ctx, xp, inputs, output, grad):
+            return (grad * ctx.scale,)
 
     x = np.random.default_rng(0).standard_normal((2, 3))
     check_backward(HostMaskedScale, [x], backend="numpy")

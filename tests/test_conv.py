@@ -8,7 +8,7 @@ import pytest
 
 import graphengine as ge
 from graphengine.ir.operators import TensorSpec
-from graphengine.testing import check_backward, isolated_plugin_manager
+from graphengine.testing import check_backward, isolated_plugin_manager, make_context
 from plugins.conv import AvgPool2D, Conv2D, EmbeddingLookup, MaxPool2D, OneHot
 
 rng = np.random.default_rng(7)
@@ -92,7 +92,7 @@ def test_conv_forward_matches_loops(stride, padding, size, channels):
     x, w, b = r(2, channels, *size), r(4, channels, 3, 2), r(4)
     op = prepared(lambda: Conv2D(stride, padding), [x, w, b])()
     expected = naive_conv(x, w, b, op.window.stride, op.window.pads)
-    np.testing.assert_allclose(op.forward(np, x, w, b), expected, atol=1e-12)
+    np.testing.assert_allclose(op.forward(make_context(), np, x, w, b), expected, atol=1e-12)
 
 
 @pytest.mark.parametrize("op,reduce,fill", [(MaxPool2D, np.max, -np.inf), (AvgPool2D, np.mean, 0.0)])
@@ -101,14 +101,17 @@ def test_pool_forward_matches_loops(op, reduce, fill, kernel, stride, padding):
     x = r(2, 3, 7, 6)
     pool = prepared(lambda: op(kernel, stride, padding), [x])()
     expected = naive_pool(x, pool.kernel, pool.stride, pool.window.pads, reduce, fill)
-    np.testing.assert_allclose(pool.forward(np, x), expected, atol=1e-12)
+    np.testing.assert_allclose(pool.forward(make_context(), np, x), expected, atol=1e-12)
 
 
 def test_max_pool_sends_each_gradient_to_one_maximum_on_ties():
     x = np.zeros((1, 1, 4, 4))  # every window is a tie, as after a ReLU
     pool = prepared(lambda: MaxPool2D(2), [x])()
-    pool.forward(np, x)
-    (grad,) = pool.backward(np, (None,), None, np.ones((1, 1, 2, 2)))
+    described = dict(vars(pool))
+    ctx = make_context()
+    pool.forward(ctx, np, x)
+    assert vars(pool) == described  # the winners stay on the call's context
+    (grad,) = pool.backward(ctx, np, (None,), None, np.ones((1, 1, 2, 2)))
     assert grad.sum() == 4 and grad.max() == 1  # not four times the gradient per window
 
 
@@ -126,14 +129,17 @@ def test_float32_stays_float32():
     spec = [TensorSpec(a.shape, "float32") for a in (x, w, b)]
     conv = Conv2D(1, 1)
     conv.infer(*spec)
-    y = conv.forward(np, x, w, b)
+    conv_ctx = make_context()  # one context per call, as a run gives each step its own
+    y = conv.forward(conv_ctx, np, x, w, b)
     for pool in (MaxPool2D(2, padding=1), AvgPool2D(2, padding=1)):
         pool.infer(TensorSpec(y.shape, "float32"))
-        out = pool.forward(np, y)
+        ctx = make_context()
+        out = pool.forward(ctx, np, y)
         assert out.dtype == np.float32
-        assert pool.backward(np, (None,), None, np.ones_like(out))[0].dtype == np.float32
+        assert pool.backward(ctx, np, (None,), None, np.ones_like(out))[0].dtype == np.float32
     assert y.dtype == np.float32
-    assert all(g.dtype == np.float32 for g in conv.backward(np, (None,) * 3, None, np.ones_like(y)))
+    grads = conv.backward(conv_ctx, np, (None,) * 3, None, np.ones_like(y))
+    assert all(g.dtype == np.float32 for g in grads)
 
 
 # --------------------------------------------------------------------------- embedding and one_hot
@@ -143,10 +149,11 @@ def test_embedding_backward_adds_up_repeated_ids(backend):
     ids = np.array([[1, 1, 3], [1, 0, 3]])
     table = r(5, 2)
     op = EmbeddingLookup()
-    out = op.forward(be.xp, be.asarray(ids), be.asarray(table))
+    ctx = make_context()
+    out = op.forward(ctx, be.xp, be.asarray(ids), be.asarray(table))
     np.testing.assert_array_equal(be.to_numpy(out), table[ids])
     grad = np.arange(12, dtype=float).reshape(2, 3, 2)
-    _, grad_table = op.backward(be.xp, (be.asarray(ids), None), None, be.asarray(grad))
+    _, grad_table = op.backward(ctx, be.xp, (be.asarray(ids), None), None, be.asarray(grad))
     expected = np.zeros((5, 2))
     expected[1] = grad[0, 0] + grad[0, 1] + grad[1, 0]  # id 1 three times
     expected[3] = grad[0, 2] + grad[1, 2]
@@ -157,9 +164,10 @@ def test_embedding_backward_adds_up_repeated_ids(backend):
 def test_one_hot_values_and_no_gradient(backend):
     be = ge.get_backend(backend)
     op = OneHot(4, "float64")
-    out = be.to_numpy(op.forward(be.xp, be.asarray(np.array([[0, 3], [2, 2]]))))
+    ctx = make_context()
+    out = be.to_numpy(op.forward(ctx, be.xp, be.asarray(np.array([[0, 3], [2, 2]]))))
     np.testing.assert_array_equal(out, np.eye(4)[[[0, 3], [2, 2]]])
-    assert op.backward(be.xp, (None,), None, None) == (None,)
+    assert op.backward(ctx, be.xp, (None,), None, None) == (None,)
 
 
 @pytest.mark.parametrize("layer,config", [("embedding", {"vocab_size": 4, "dim": 2}),

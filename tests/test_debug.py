@@ -40,7 +40,7 @@ def test_off_by_default_and_no_check_runs(monkeypatch):
     monkeypatch.setattr(graphengine.model, "debug_observer", fail)
     model = classifier()
     assert model.debug is False
-    assert model._observers() == [] and model._observers(inference=True) == []
+    assert model.active_observers() == [] and model.active_observers(inference=True) == []
     bad = X.copy()
     bad[0, 0] = np.nan
     assert np.isnan(model.forward({"x": bad, "y": Y}))  # unchecked: NaN flows through
@@ -188,10 +188,10 @@ class PairSum(Operator):
     def infer(self, a, b):
         return a
 
-    def forward(self, xp, a, b):
+    def forward(self, ctx, xp, a, b):
         return a + b
 
-    def backward(self, xp, inputs, output, grad):
+    def backward(self, ctx, xp, inputs, output, grad):
         return (grad,)
 
 

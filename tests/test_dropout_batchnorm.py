@@ -7,7 +7,7 @@ import pytest
 
 import graphengine as ge
 from graphengine.ir.operators import TensorSpec
-from graphengine.testing import check_backward
+from graphengine.testing import check_backward, make_context
 from plugins.regularization import BatchNormOp, DropoutOp
 
 rng = np.random.default_rng(7)
@@ -35,14 +35,36 @@ def test_dropout_gradient_in_evaluation_is_the_identity(backend):
 def test_dropout_zeroes_at_the_rate_and_keeps_the_mean(backend):
     be = ge.get_backend(backend)
     op = DropoutOp(0.3)
-    op.rng = be.make_rng(0)
     x = be.asarray(np.ones((200, 500)))
-    y = be.to_numpy(op.forward(be.xp, x))
+    ctx = make_context(training=True, rng=be.make_rng(0))
+    y = be.to_numpy(op.forward(ctx, be.xp, x))
     assert abs((y == 0).mean() - 0.3) < 0.01
     assert np.allclose(y[y != 0], 1 / 0.7)  # survivors are scaled: inverted dropout
     assert abs(y.mean() - 1.0) < 0.02
-    op.training = False
-    assert np.array_equal(be.to_numpy(op.forward(be.xp, x)), np.ones((200, 500)))
+    # the mask is the call's state: it lives on the context, and backward reads it from there
+    np.testing.assert_array_equal(be.to_numpy(ctx.mask), y)
+    (grad,) = op.backward(ctx, be.xp, (None,), None, be.asarray(np.full((200, 500), 3.0)))
+    np.testing.assert_array_equal(be.to_numpy(grad), 3.0 * y)
+    evaluation = make_context(training=False)
+    assert np.array_equal(be.to_numpy(op.forward(evaluation, be.xp, x)), np.ones((200, 500)))
+    (grad,) = op.backward(evaluation, be.xp, (None,), None, be.asarray(np.full((200, 500), 3.0)))
+    np.testing.assert_array_equal(be.to_numpy(grad), np.full((200, 500), 3.0))
+
+
+def test_dropout_keeps_nothing_on_the_operator_and_each_call_its_own_mask():
+    op = DropoutOp(0.5)
+    assert not hasattr(op, "training") and not hasattr(op, "rng")
+    x = np.ones((50, 40))
+    first, second = make_context(rng=np.random.default_rng(1)), make_context(rng=np.random.default_rng(2))
+    y1 = op.forward(first, np, x)
+    y2 = op.forward(second, np, x)  # a second call (another run, another thread) in between
+    assert not np.array_equal(y1, y2)
+    assert vars(op) == {"rate": 0.5}  # a description only: no mask, mode or generator on it
+    # each backward gets the mask of its own forward, whatever ran in between
+    (g1,) = op.backward(first, np, (None,), None, np.ones_like(x))
+    (g2,) = op.backward(second, np, (None,), None, np.ones_like(x))
+    np.testing.assert_array_equal(g1, y1)
+    np.testing.assert_array_equal(g2, y2)
 
 
 def dropout_model(rate=0.5):
@@ -109,14 +131,14 @@ def test_batch_norm_normalizes_and_updates_running_statistics_in_place(backend):
     inputs = [x, np.ones(3), np.zeros(3), np.zeros(3), np.ones(3)]
     op = prepared(lambda: BatchNormOp(-1, 0.9, 1e-5), inputs)()
     device = [be.asarray(a) for a in inputs]
-    y = be.to_numpy(op.forward(be.xp, *device))
+    y = be.to_numpy(op.forward(make_context(training=True), be.xp, *device))
     assert np.allclose(y.mean(axis=0), 0, atol=1e-7)
     assert np.allclose(y, (x - x.mean(axis=0)) / np.sqrt(x.var(axis=0) + 1e-5))
     assert np.allclose(be.to_numpy(device[3]), 0.1 * x.mean(axis=0))
     assert np.allclose(be.to_numpy(device[4]), 0.9 + 0.1 * x.var(axis=0, ddof=1))
-    op.training = False
+    assert not hasattr(op, "training")  # the mode is the run's, read from the context
     running_mean, running_var = be.to_numpy(device[3]), be.to_numpy(device[4])
-    y_eval = be.to_numpy(op.forward(be.xp, *device))
+    y_eval = be.to_numpy(op.forward(make_context(training=False), be.xp, *device))
     assert np.allclose(y_eval, (x - running_mean) / np.sqrt(running_var + 1e-5))
     assert np.array_equal(be.to_numpy(device[3]), running_mean)  # evaluation leaves them alone
 

@@ -8,7 +8,7 @@ import pytest
 import graphengine as ge
 from graphengine.errors import ShapeError
 from graphengine.ir.contracts import LossOp
-from graphengine.testing import check_backward
+from graphengine.testing import check_backward, make_context
 
 rng = np.random.default_rng(0)
 SCORES = rng.standard_normal((6, 4)) * 2
@@ -23,7 +23,7 @@ def loss_op(kind: str, **config) -> LossOp:
 
 
 def loss_value(kind: str, pred, target, **config) -> float:
-    return float(loss_op(kind, **config).forward(np, np.asarray(pred, float), np.asarray(target)))
+    return float(loss_op(kind, **config).forward(make_context(), np, np.asarray(pred, float), np.asarray(target)))
 
 
 CASES = {
@@ -83,7 +83,7 @@ def test_nll_on_log_softmax_equals_softmax_cross_entropy():
     logp = loss_op("nll")  # nll needs log-probabilities
     from plugins.activations import log_softmax
     ce = loss_value("softmax_cross_entropy", SCORES, LABELS)
-    assert float(logp.forward(np, log_softmax(np, SCORES), LABELS)) == pytest.approx(ce)
+    assert float(logp.forward(make_context(), np, log_softmax(np, SCORES), LABELS)) == pytest.approx(ce)
 
 
 def test_binary_cross_entropy_is_stable_for_huge_logits():
@@ -91,7 +91,7 @@ def test_binary_cross_entropy_is_stable_for_huge_logits():
     targets = np.array([[1.0], [0.0], [0.0]])
     op = loss_op("binary_cross_entropy")
     with np.errstate(over="raise", invalid="raise", divide="raise"):
-        value = float(op.forward(np, logits, targets))
+        value = float(op.forward(make_context(), np, logits, targets))
     # The backward's sigmoid overflows exp(1000) to inf on purpose, as models run it (overflow
     # warnings off): 1 / (1 + inf) is exactly 0, and nothing is invalid or divided by zero.
     with np.errstate(over="ignore", invalid="raise", divide="raise"):

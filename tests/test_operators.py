@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from graphengine.ir import operators as ops
-from graphengine.testing import GradientCheckError, check_backward
+from graphengine.testing import GradientCheckError, check_backward, make_context
 
 rng = np.random.default_rng(42)
 
@@ -76,15 +76,40 @@ def test_every_primitive_is_checked():
     assert checked == {cls.__name__ for cls in ops.PRIMITIVES.values()}
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_primitives_keep_their_call_state_on_the_context_not_on_themselves(case):
+    factory, inputs = CASES[case]
+    op = _prepared(factory, inputs)()
+    described = dict(vars(op))
+    first, second = make_context(), make_context()
+    out = op.forward(first, np, *inputs)
+    other = [a * 2 + 1 for a in inputs]
+    op.forward(second, np, *other)  # another call in between (another run, another thread)
+    assert vars(op) == described  # forward wrote nothing on the operator
+    assert not hasattr(op, "training") and not hasattr(op, "rng")
+    kept = tuple(a if i in op.retain_inputs else None for i, a in enumerate(inputs))
+    grad = rng.standard_normal(np.shape(out))
+    grads = op.backward(first, np, kept, out if op.retain_output else None, grad)
+    again = _prepared(factory, inputs)()
+    fresh = make_context()
+    again.forward(fresh, np, *inputs)
+    expected = again.backward(fresh, np, kept, out if op.retain_output else None, grad)
+    for g, e in zip(grads, expected):  # the backward read its own call's state, not the latest
+        if e is None:
+            assert g is None
+        else:
+            np.testing.assert_array_equal(g, e)
+
+
 def test_check_backward_catches_a_wrong_gradient():
     class WrongTanh(ops.Operator):
         kind = "wrong_tanh"
         retain_output = True
 
-        def forward(self, xp, x):
+        def forward(self, ctx, xp, x):
             return xp.tanh(x)
 
-        def backward(self, xp, inputs, output, grad):
+        def backward(self, ctx, xp, inputs, output, grad):
             return (grad * (1 - output),)  # should be 1 - output**2
 
     with pytest.raises(GradientCheckError, match="finite difference"):
@@ -95,10 +120,10 @@ def test_check_backward_catches_a_wrong_gradient_shape():
     class Summed(ops.Operator):
         kind = "summed"
 
-        def forward(self, xp, x):
+        def forward(self, ctx, xp, x):
             return x.sum()
 
-        def backward(self, xp, inputs, output, grad):
+        def backward(self, ctx, xp, inputs, output, grad):
             return (grad,)  # forgot to broadcast back to the input's shape
 
     with pytest.raises(GradientCheckError, match="shape"):

@@ -24,21 +24,11 @@ ELEMENTWISE_OPTIMIZERS = [e.name for e in ge.get_plugin_manager().optimizers.ent
                           if e.obj.elementwise]
 
 
-class Watcher:
-    """An observer that watches every step: the model then runs one step per graph node and
-    updates parameters one by one, the reference the fast paths must match."""
+class Watcher(ge.Observer):
+    """An observer that watches every step node by node: the model then runs one step per graph
+    node and updates parameters one by one, the reference the fast paths must match."""
 
-    def wants(self, model):
-        return True
-
-    def on_forward(self, model, step, args, value):
-        pass
-
-    def on_backward(self, model, step, grad, input_grads):
-        pass
-
-    def on_update(self, model, name, before, after):
-        pass
+    every_node = True
 
 
 def mlp(activation="sigmoid", optimizer=("adam", {"lr": 0.01}), backend="numpy", depth=3,
@@ -78,8 +68,8 @@ def test_dense_chains_fuse_and_the_graph_keeps_its_nodes():
     assert plan.fast.backward[-1].wanted == (False, True, True)
     assert plan.fast.backward[-3].wanted == (True, True, True)
     model.forward(feeds())
+    assert model.tape.fused  # what normally runs is the fused plan
     model.backward()
-    assert parts[-1].op.wanted == (False, True, True)  # what the model told the operator
 
 
 def test_an_input_gradient_is_computed_only_where_the_plan_wants_it():
@@ -93,8 +83,8 @@ def test_an_input_gradient_is_computed_only_where_the_plan_wants_it():
     seen = []
     original = conv.backward
 
-    def backward(xp, inputs, output, grad):
-        grads = original(xp, inputs, output, grad)
+    def backward(ctx, xp, inputs, output, grad):
+        grads = original(ctx, xp, inputs, output, grad)
         seen.append(grads[0] is None)
         return grads
     conv.backward = backward
@@ -231,10 +221,11 @@ class DtypeRecorder(Watcher):
         if array is not None:
             self.dtypes.setdefault(what, set()).add(np.dtype(array.dtype))
 
-    def on_forward(self, model, step, args, value):
+    def on_forward(self, model, tape, step, args, value):
         self._add(f"value of {step.name}", value)
 
-    def on_backward(self, model, step, grad, input_grads):
+    def on_backward(self, model, tape, bstep, grad, input_grads):
+        step = bstep.step
         self._add(f"gradient into {step.name}", grad)
         for i, g in enumerate(input_grads):
             self._add(f"gradient {i} out of {step.name}", g)
@@ -325,10 +316,17 @@ def test_profile_reports_every_step_with_time_and_memory():
 
 
 def test_profile_runs_the_operators_as_the_model_does_skipping_unused_input_gradients():
-    model = mlp(depth=2)  # profiled before any step: nothing was told to the operators yet
-    model.profile(feeds(8), steps=1, memory=False)
+    model = mlp(depth=2)
     first_dense = model.train_plan.fast.backward[-1].step.op
-    assert first_dense.wanted == (False, True, True)
+    told = []
+    original = first_dense.backward
+
+    def backward(ctx, xp, inputs, output, grad):
+        told.append(tuple(map(ctx.grad_wanted, range(3))))
+        return original(ctx, xp, inputs, output, grad)
+    first_dense.backward = backward
+    model.profile(feeds(8), steps=1, memory=False)
+    assert told and set(told) == {(False, True, True)}
 
 
 def test_profile_of_a_model_without_loss_is_refused():
@@ -339,7 +337,7 @@ def test_profile_of_a_model_without_loss_is_refused():
         model.profile({"x": np.ones((1, 2), np.float32)})
 
 
-def test_operators_state_for_backward_does_not_outlive_the_step_or_an_inference_pass():
+def test_run_state_lives_on_the_tape_and_is_dropped_with_it():
     g = ge.Graph("conv")
     x = g.input("x", (None, 1, 6, 6))
     y = g.input("y", (None,), dtype="int64")
@@ -349,16 +347,18 @@ def test_operators_state_for_backward_does_not_outlive_the_step_or_an_inference_
     conv = g.nodes["conv/conv2d"].op
     images = {"x": np.random.default_rng(1).standard_normal((4, 1, 6, 6)).astype(np.float32),
               "y": np.arange(4) % 3}
+    before = dict(vars(conv))
     model.forward(images)
-    assert conv.cols is not None  # kept for the backward
+    assert vars(conv) == before  # the operator keeps nothing of the run
+    index = [s.name for s in model.tape.plan.steps].index("conv/conv2d")
+    assert model.tape.contexts[index].cols is not None  # the tape keeps it for the backward
     model.backward()
-    assert conv.cols is None and conv.kernel is None
-    model.predict(images)
-    assert conv.cols is None  # an inference pass keeps nothing either
+    assert model.tape.contexts == []  # released with the backward
+    reference = {k: v.copy() for k, v in model.gradients().items()}
     model.forward(images)
-    model.predict(images)  # released what that forward kept: backward must not read it
-    with pytest.raises(ge.GraphEngineError, match=r"backward\(\) after run\(\), predict\(\)"):
-        model.backward()
-    model.forward(images)
+    model.predict(images)  # an inference pass between a forward and its backward: its own tape
+    model.run(images)
     model.backward()
+    for name, grad in model.gradients().items():
+        np.testing.assert_array_equal(grad, reference[name])
     assert set(model.gradients()) == {"conv/W", "conv/b", "dense0/W", "dense0/b"}

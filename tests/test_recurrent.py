@@ -8,7 +8,7 @@ import pytest
 
 import graphengine as ge
 from graphengine.ir.operators import TensorSpec
-from graphengine.testing import check_backward
+from graphengine.testing import check_backward, make_context
 from plugins.recurrent import GRU, LSTM, Orthogonal, SimpleRNN
 
 rng = np.random.default_rng(11)
@@ -88,9 +88,9 @@ def test_forward_matches_reference(cell, initial):
     inputs = op_inputs(CELLS[cell], steps=5, initial=initial)
     expected = reference(cell, *inputs)
     sequence = prepared(lambda: CELLS[cell](return_sequences=True), inputs)()
-    np.testing.assert_allclose(sequence.forward(np, *inputs), expected, atol=1e-12)
+    np.testing.assert_allclose(sequence.forward(make_context(), np, *inputs), expected, atol=1e-12)
     last = prepared(lambda: CELLS[cell](return_sequences=False), inputs)()
-    np.testing.assert_allclose(last.forward(np, *inputs), expected[:, -1], atol=1e-12)
+    np.testing.assert_allclose(last.forward(make_context(), np, *inputs), expected[:, -1], atol=1e-12)
 
 
 @pytest.mark.parametrize("cell", sorted(CELLS))
@@ -98,7 +98,7 @@ def test_reverse_reads_the_sequence_backwards(cell):
     x, *params = op_inputs(CELLS[cell], steps=5)
     expected = reference(cell, x[:, ::-1], *params)[:, ::-1]  # output at t has seen t..T-1
     op = prepared(lambda: CELLS[cell](return_sequences=True, reverse=True), [x, *params])()
-    np.testing.assert_allclose(op.forward(np, x, *params), expected, atol=1e-12)
+    np.testing.assert_allclose(op.forward(make_context(), np, x, *params), expected, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- layers

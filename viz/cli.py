@@ -1,4 +1,9 @@
-"""The visualizer's ``graphengine`` subcommands: ``render`` and ``demo``."""
+"""The visualizer's ``graphengine`` subcommands: ``render`` and ``demo``.
+
+A graphengine plugin (entry point ``viz`` in the ``graphengine`` group) that registers them
+through the ``graphengine_register_commands`` hook. Every program using graphengine imports this
+module when it loads its plugins, so the commands import what they need when they run.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from graphengine.cli import command
+import graphengine as ge
 from graphengine.errors import GraphEngineError
+
+
+@ge.hookimpl
+def graphengine_register_commands(register):
+    register("render", _render_args, render_command)
+    register("demo", _demo_args, demo_command)
 
 
 def _render_args(p: argparse.ArgumentParser) -> None:
@@ -22,12 +33,10 @@ def _render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-source", action="store_true", help="also keep the .gv DOT file")
 
 
-@command("render", _render_args)
 def render_command(args: argparse.Namespace) -> int:
     """Draw a saved model as a diagram, annotated with its gradient flow when --data is given."""
     import numpy as np
 
-    import graphengine as ge
     from graphengine.tools.monitor import GradientMonitor
 
     from .gradflow import diagnose
@@ -59,7 +68,6 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-@command("demo", _demo_args)
 def demo_command(args: argparse.Namespace) -> int:
     """Run a demo: `vanishing` trains deep sigmoid and ReLU networks and shows the gradient flow."""
     from .demo import DemoConfig, vanishing_demo

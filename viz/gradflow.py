@@ -29,8 +29,6 @@ from graphengine.errors import GraphEngineError
 from graphengine.ir.operators import Parameter
 from graphengine.model import Model
 from graphengine.tools.monitor import (
-    ACTIVATION_HEALTH,
-    FIELDS,
     SATURATED_SLOPE,
     GradientMonitor,
     NodeStats,
@@ -39,9 +37,12 @@ from graphengine.tools.monitor import (
 )
 from graphengine.train.loop import History
 
-#: Activation kinds whose outputs can saturate (sigmoid, tanh): the advice names them.
-SATURATING = tuple(kind for kind, (column, _) in ACTIVATION_HEALTH.items()
-                   if FIELDS[column] == "saturation")
+
+def health_kinds(model: Model, measure: str) -> list[str]:
+    """The kinds of the model's activations that declare the health ``measure``
+    (``"saturation"``: sigmoid, tanh; ``"dead_fraction"``: relu); the advice names them."""
+    return sorted({node.kind for node in model.graph.nodes.values()
+                   if getattr(getattr(node.op, "activation", None), "health", None) == measure})
 
 
 class NoStatisticsError(GraphEngineError):
@@ -362,8 +363,7 @@ def _findings(model: Model, nodes: dict[str, NodeHealth], layers: list[LayerHeal
     findings: list[Finding] = []
     order = [layer.name for layer in layers]
     owner = layer_of(model)
-    activations = {node.kind for node in model.graph.nodes.values()}
-    saturating = sorted(activations & set(SATURATING))
+    saturating = health_kinds(model, "saturation")
 
     exploding = [n for n, h in nodes.items() if "exploding" in h.flags]
     if exploding:

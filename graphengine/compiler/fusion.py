@@ -40,15 +40,15 @@ class FusedDense(Operator):
     def config(self) -> dict[str, Any]:
         return {"nodes": list(self.nodes)}
 
-    def forward(self, xp, x, w, b):
+    def forward(self, ctx, xp, x, w, b):
         z = x @ w
         z += b
         return z if self.activation is None else self.activation.forward(xp, z)
 
-    def backward(self, xp, inputs, output, grad):
+    def backward(self, ctx, xp, inputs, output, grad):
         x, w = inputs[0], inputs[1]
         dz = grad if self.activation is None else self.activation.backward(xp, None, output, grad)
-        want_x, want_w, want_b = map(self.grad_wanted, range(3))
+        want_x, want_w, want_b = map(ctx.grad_wanted, range(3))
         out_w, out_b = self.grad_out
         grad_w = grad_b = None
         if want_w:

@@ -37,6 +37,8 @@ class Step:
 @dataclass
 class BackwardStep:
     step: Step
+    #: The forward step (index into ``Plan.steps``) whose context this backward reads.
+    index: int
     #: For each argument: the slot whose value backward reads, or -1 (it gets None).
     kept_args: tuple[int, ...]
     kept_out: int
@@ -47,7 +49,7 @@ class BackwardStep:
 
     @property
     def wanted(self) -> tuple[bool, ...]:
-        """For each argument: whether the plan uses its gradient (``Operator.wanted``)."""
+        """For each argument: whether the plan uses its gradient (``Context.grad_wanted``)."""
         return tuple(slot >= 0 for slot in self.grad_to)
 
 
@@ -76,20 +78,6 @@ class Plan:
         return list(self.slots)
 
     @property
-    def saved_state(self) -> tuple[Operator, ...]:
-        """The operators of the steps that keep state on themselves for their backward."""
-        cached = self.__dict__.get("_saved_state")
-        if cached is None:
-            cached = self.__dict__["_saved_state"] = tuple(
-                s.op for s in self.steps if s.op.state_for_backward)
-        return cached
-
-    def drop_saved_state(self) -> None:
-        """Release what the operators kept for a backward (see ``Operator.state_for_backward``)."""
-        for op in self.saved_state:
-            op.drop_state_for_backward()
-
-    @property
     def parameter_slots(self) -> tuple[tuple[str, int], ...]:
         """(name, slot) of each parameter, for the gradients after every backward."""
         cached = self.__dict__.get("_parameter_slots")
@@ -99,19 +87,24 @@ class Plan:
 
     def programs(self) -> tuple[list[tuple], list[tuple]]:
         """The steps with their operators' methods bound once, for the step loops: forward
-        ``(forward, out, args, release)``, backward ``(op, backward, out, kept_args, kept_out,
-        grad_to, wanted, release)``. Cached outside the dataclass fields, so a ``replace``d copy
-        of the plan (with other operators) builds its own."""
+        ``(index, forward, out, args, release)``, backward ``(backward, index, out, kept_args,
+        kept_out, grad_to, wanted, release)``. Cached outside the dataclass fields, so a
+        ``replace``d copy of the plan (with other operators) builds its own."""
         cached = self.__dict__.get("_programs")
         if cached is None:
             cached = self.__dict__["_programs"] = (
-                [(s.op.forward, s.out, s.args, s.release) for s in self.steps],
-                [(b.step.op, b.step.op.backward, b.step.out, b.kept_args, b.kept_out, b.grad_to,
+                [(k, s.op.forward, s.out, s.args, s.release) for k, s in enumerate(self.steps)],
+                [(b.step.op.backward, b.index, b.step.out, b.kept_args, b.kept_out, b.grad_to,
                   b.wanted, b.release) for b in self.backward])
         return cached
 
 
 def check_acyclic(dag: nx.DiGraph) -> None:
+    # Builder calls only add edges from a node to a later one, and then there is no cycle:
+    # checking that takes one look per edge, a fifth of networkx's topological sort.
+    position = {name: i for i, name in enumerate(dag)}
+    if all(position[a] < position[b] for a, after in dag.adjacency() for b in after):
+        return
     if not nx.is_directed_acyclic_graph(dag):
         cycle = [str(u) for u, _ in nx.find_cycle(dag)]
         raise CompileError(f"the graph has a cycle ({' -> '.join([*cycle, cycle[0]])}); a static "
@@ -145,11 +138,8 @@ def build_plan(graph, targets: Iterable[str], *, loss: str | None = None,
     for t in targets:
         if t not in graph.nodes:
             raise CompileError(f"graph {graph.name!r} has no node {t!r}")
-    needed: set[str] = set(targets)
-    for t in targets:
-        needed |= nx.ancestors(dag, t)
-    order = [n for n in nx.lexicographical_topological_sort(dag.subgraph(needed),
-                                                             key=_insertion_order(graph))]
+    needed = _ancestors(dag, targets)
+    order = _insertion_order(graph, needed)
     slots = {name: i for i, name in enumerate(order)}
     nodes = graph.nodes
 
@@ -178,48 +168,54 @@ def build_plan(graph, targets: Iterable[str], *, loss: str | None = None,
     return plan
 
 
-def _insertion_order(graph):
-    position = {name: i for i, name in enumerate(graph.nodes)}
-    return lambda name: f"{position[name]:09d}"
+def _ancestors(dag: nx.DiGraph, targets: Iterable[str]) -> set[str]:
+    """``targets`` and every node they depend on, in one walk: a walk per target (networkx's
+    ``ancestors``) costs targets x nodes."""
+    found = set(targets)
+    stack = list(found)
+    while stack:
+        for name in dag.pred[stack.pop()]:
+            if name not in found:
+                found.add(name)
+                stack.append(name)
+    return found
+
+
+def _insertion_order(graph, needed: set[str]) -> list[str]:
+    """The ``needed`` nodes in the order they were added to the graph. That is a topological
+    order, since a builder call only takes existing tensors as inputs; checking it costs one look
+    at each edge, where a sort costs n log n. Only an edge added to the DAG by hand can break it:
+    then the topological order nearest to it (the lexicographical one by insertion)."""
+    order = [name for name in graph.nodes if name in needed]
+    position = {name: i for i, name in enumerate(order)}
+    pred = graph.dag.pred
+    if all(position[p] < i for i, name in enumerate(order) for p in pred[name]):
+        return order
+    return list(nx.lexicographical_topological_sort(graph.dag.subgraph(needed),
+                                                    key=position.__getitem__))
 
 
 def _plan_backward(graph, plan: Plan, loss: str, wrt: set[str], frozen: set[str]) -> None:
     nodes = graph.nodes
     check_loss(graph, loss)
-    sources = {n for n in plan.parameters if nodes[n].op.trainable and n not in frozen}
-    sources |= wrt & set(plan.slots)
-    flows: set[str] = set(sources)  # nodes a gradient reaches: downstream of a source, upstream of the loss
-    for name in plan.slots:
-        node = nodes[name]
-        if not graph.is_source(name):
-            differentiable = [i for k, i in enumerate(node.inputs)
-                              if k not in node.op.nondifferentiable_inputs]
-            if any(i in flows for i in differentiable):
-                flows.add(name)
-    upstream = nx.ancestors(graph.dag, loss) | {loss}
-    flows &= upstream
+    trainable = {n for n in plan.parameters if nodes[n].op.trainable and n not in frozen}
+    flows = _gradient_flow(graph, plan, loss, trainable | (wrt & set(plan.slots)))
     if loss not in flows:
         raise CompileError(f"no trainable parameter (or input asked for) influences the loss "
                            f"{loss!r}: nothing to differentiate; put a layer with parameters on "
                            f"the path to the loss, unfreeze one, or compile with outputs=[...] "
                            f"and no loss to only run the graph")
-    slots = plan.slots
-    names = plan.names
-    retained: set[int] = set()
-    for step in reversed(plan.steps):
-        if step.name not in flows:
-            continue
-        for part in backward_parts(step, slots):
-            op = part.op
-            kept_args = tuple(a if k in op.retain_inputs else -1 for k, a in enumerate(part.args))
-            kept_out = part.out if op.retain_output else -1
-            grad_to = tuple(a if names[a] in flows and k not in op.nondifferentiable_inputs else -1
-                            for k, a in enumerate(part.args))
-            retained |= {s for s in (*kept_args, kept_out) if s >= 0}
-            plan.backward.append(BackwardStep(part, kept_args, kept_out, grad_to))
-    plan.retained = frozenset(retained)
+    plan.backward = _backward_steps(plan, flows)
+    # The forward also keeps what a backward to the float inputs would read, so that
+    # ``backward(wrt=[input])`` after a plain ``forward()`` finds it: beyond the parameters'
+    # paths that is only what lies between an input and its first parameter (preprocessing).
+    inputs = {n for n in plan.feeds if nodes[n].dtype.startswith("float")}
+    with_inputs = _backward_steps(plan, _gradient_flow(graph, plan, loss, trainable | inputs))
+    plan.retained = frozenset(s for bstep in (*plan.backward, *with_inputs)
+                              for s in (*bstep.kept_args, bstep.kept_out) if s >= 0)
     # A retained value is released after the last backward step that reads it (the earliest
     # in forward order), unless it is a source (inputs and parameters outlive the step).
+    slots = plan.slots
     sources_slots = {slots[n] for n in (*plan.feeds, *plan.parameters, *plan.constants)}
     seen: set[int] = set(sources_slots)
     for bstep in reversed(plan.backward):
@@ -228,18 +224,51 @@ def _plan_backward(graph, plan: Plan, loss: str, wrt: set[str], frozen: set[str]
         bstep.release = tuple(sorted(reads))
 
 
+def _gradient_flow(graph, plan: Plan, loss: str, sources: set[str]) -> set[str]:
+    """The nodes a gradient reaches: downstream of a source, upstream of the loss."""
+    nodes = graph.nodes
+    flows: set[str] = set(sources)
+    for name in plan.slots:
+        node = nodes[name]
+        if not graph.is_source(name):
+            differentiable = [i for k, i in enumerate(node.inputs)
+                              if k not in node.op.nondifferentiable_inputs]
+            if any(i in flows for i in differentiable):
+                flows.add(name)
+    upstream = _ancestors(graph.dag, (loss,))
+    return flows & upstream
+
+
+def _backward_steps(plan: Plan, flows: set[str]) -> list[BackwardStep]:
+    """The backward of every step that ``flows`` reaches, in reverse order; each refers to its
+    forward step by index, whose context on the tape it reads."""
+    slots, names = plan.slots, plan.names
+    backward = []
+    for index in range(len(plan.steps) - 1, -1, -1):
+        step = plan.steps[index]
+        if step.name not in flows:
+            continue
+        for part in backward_parts(step, slots):
+            op = part.op
+            kept_args = tuple(a if k in op.retain_inputs else -1 for k, a in enumerate(part.args))
+            kept_out = part.out if op.retain_output else -1
+            grad_to = tuple(a if names[a] in flows and k not in op.nondifferentiable_inputs else -1
+                            for k, a in enumerate(part.args))
+            backward.append(BackwardStep(part, index, kept_args, kept_out, grad_to))
+    return backward
+
+
 def _plan_releases(plan: Plan, keep: set[int]) -> None:
     last_read: dict[int, int] = {}
     for k, step in enumerate(plan.steps):
         for a in step.args:
             last_read[a] = k
-    outputs = {step.out for step in plan.steps}
     releases: dict[int, list[int]] = {}
-    for slot in outputs:
+    for k, step in enumerate(plan.steps):  # each slot is the output of one step
+        slot = step.out
         if slot in keep or slot in plan.retained:
             continue
         # A value nobody reads is released right after it is made.
-        when = last_read.get(slot, next(k for k, s in enumerate(plan.steps) if s.out == slot))
-        releases.setdefault(when, []).append(slot)
+        releases.setdefault(last_read.get(slot, k), []).append(slot)
     for k, step in enumerate(plan.steps):
         step.release = tuple(sorted(releases.get(k, ())))

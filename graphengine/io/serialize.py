@@ -36,12 +36,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import GraphEngineError, SerializationError
-from ..ir.graph import in_scope
+from ..ir.graph import Graph, in_scope
 from ..plugins import get_plugin_manager
+from ..train import regularization
+from ..train.update import optimizer as make_optimizer
 
 if TYPE_CHECKING:
     from ..ir.contracts import Optimizer
-    from ..ir.graph import Graph
     from ..model import Model
     from ..runtime.backend import Backend
 
@@ -113,7 +114,7 @@ def _describe_model(model: Model) -> dict[str, Any]:
     return {
         "loss": model.loss_name,
         # None: the loss's prediction through its link (softmax probabilities), as compiled.
-        "outputs": None if model._link is not None else list(model.output_names),
+        "outputs": None if model.link is not None else list(model.output_names),
         "seed": model.seed,
         "optimizer": _describe_optimizer(model.optimizer),
         "frozen": sorted(model.frozen),
@@ -395,7 +396,6 @@ def _load(file: ModelFile, backend: str | Backend, optimizer: Optimizer | None) 
     graph = rebuild_graph(file)
     spec = file.document["model"]
     if optimizer is None and spec["optimizer"] is not None:
-        from ..model import optimizer as make_optimizer
         try:
             optimizer = make_optimizer(spec["optimizer"]["name"],
                                        **spec["optimizer"]["hyperparameters"])
@@ -413,7 +413,6 @@ def _load(file: ModelFile, backend: str | Backend, optimizer: Optimizer | None) 
 
 
 def _restore_hooks(model: Model, file: ModelFile) -> None:
-    from ..train import regularization
     for entry in file.document["model"]["hooks"]:
         cls = getattr(regularization, entry["class"], None)
         if not isinstance(cls, type) or cls.__module__ != regularization.__name__ or entry[
@@ -438,7 +437,6 @@ def _tuples(value: Any) -> Any:
 
 def rebuild_graph(file: ModelFile) -> Graph:
     """Replay the saved builder calls; the nodes must come out named as they were saved."""
-    from ..ir.graph import Graph
     spec = file.document["graph"]
     graph = Graph(spec["name"])
     for i, call in enumerate(spec["calls"]):

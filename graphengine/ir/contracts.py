@@ -25,9 +25,37 @@ class Activation:
     ``keeps`` names what ``backward`` reads, ``"x"`` and/or ``"y"``; what it does not keep
     reaches ``backward`` as ``None``, so memory can be freed early. Constructor keyword
     arguments are the activation's hyper-parameters (``g.activation("leaky_relu", h, slope=0.1)``).
+
+    Health (optional): an activation whose units can stop passing gradient declares how to
+    measure that, and :class:`~graphengine.tools.monitor.GradientMonitor` records it on the
+    steps it records. ``health`` names the measure, one of :attr:`HEALTH_MEASURES`:
+
+    - ``"dead_fraction"``: the share of units that no example of the batch activates, and that
+      so pass no gradient (ReLU);
+    - ``"saturation"``: the share of outputs where the slope is below
+      ``graphengine.tools.monitor.SATURATED_SLOPE`` (5%) of its peak (sigmoid, tanh).
+
+    ``measure_health(xp, y)`` then computes it from the output ``y`` (batch first): the fraction
+    as a 0-d array of ``xp`` (``xp.mean(...)``), left on the device, not a Python float.
+    Leave ``health`` at None when no such measure applies.
     """
 
     keeps: ClassVar[tuple[str, ...]] = ("x", "y")
+    #: The health measures an activation may declare: columns of the gradient monitor's records.
+    HEALTH_MEASURES: ClassVar[tuple[str, ...]] = ("dead_fraction", "saturation")
+    #: Which of :attr:`HEALTH_MEASURES` :meth:`measure_health` computes; None: none.
+    health: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.health is None:
+            return
+        if cls.health not in Activation.HEALTH_MEASURES:
+            raise TypeError(f"{cls.__qualname__}.health is {cls.health!r}; it must be one of "
+                            f"{', '.join(map(repr, Activation.HEALTH_MEASURES))}, or None")
+        if cls.measure_health is Activation.measure_health:
+            raise TypeError(f"{cls.__qualname__} declares health = {cls.health!r} but does not "
+                            f"define measure_health(self, xp, y)")
 
     def __init__(self, **config: Any) -> None:
         if config:
@@ -41,6 +69,10 @@ class Activation:
 
     def backward(self, xp: Any, x: Any, y: Any, dy: Any) -> Any:
         raise NotImplementedError
+
+    def measure_health(self, xp: Any, y: Any) -> Any:
+        """The fraction named by :attr:`health` for the output ``y``, as a 0-d device array."""
+        raise NotImplementedError(f"{type(self).__qualname__} declares no health measure")
 
 
 class ActivationOp(Operator):
@@ -59,10 +91,10 @@ class ActivationOp(Operator):
         require_float(x)
         return x
 
-    def forward(self, xp, x):
+    def forward(self, ctx, xp, x):
         return self.activation.forward(xp, x)
 
-    def backward(self, xp, inputs, output, grad):
+    def backward(self, ctx, xp, inputs, output, grad):
         return (self.activation.backward(xp, inputs[0], output, grad),)
 
 
@@ -126,10 +158,10 @@ class LossOp(Operator):
         self.loss.check(pred, target)
         return TensorSpec((), pred.dtype)
 
-    def forward(self, xp, pred, target):
+    def forward(self, ctx, xp, pred, target):
         return self.loss.forward(xp, pred, target)
 
-    def backward(self, xp, inputs, output, grad):
+    def backward(self, ctx, xp, inputs, output, grad):
         pred, target = inputs
         return self.loss.backward(xp, pred, target) * grad, None
 

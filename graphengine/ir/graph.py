@@ -7,9 +7,10 @@ and dtype are inferred when it is added, so mistakes surface at build time, nami
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +34,12 @@ from ..plugins import get_plugin_manager
 
 if TYPE_CHECKING:
     from ..ir.contracts import Optimizer
-    from ..model import Model
+    from ..model import Model  # noqa: F401 (the type compile() returns)
     from ..runtime.backend import Backend
+
+#: What ``Graph.compile`` builds (the engine's ``Model``), set by ``graphengine.model`` when it is
+#: imported: a graph is a description and does not import the runtime that runs it.
+compiler: Callable[..., Model] | None = None
 
 DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
 
@@ -156,6 +161,11 @@ class Graph:
         self._depth = 0
         self._counters: dict[str, int] = {}
         self._origin: str | None = None
+        # Kept in step with ``nodes`` so that the checks of each added node cost O(1), not a
+        # scan of the graph (which made building quadratic): ids of the nodes' operators, and
+        # how many nodes lie under each scope (every "a" and "a/b" of a node "a/b/c").
+        self._op_owners: dict[int, str] = {}  # id(operator) -> its node
+        self._scope_nodes: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<Graph {self.name!r}: {len(self.nodes)} nodes>"
@@ -233,8 +243,15 @@ class Graph:
             raise
 
     def _remove_nodes_after(self, count: int) -> None:
-        for name in list(self.nodes)[count:]:
-            del self.nodes[name]
+        # From the end, so that undoing a failed call costs what it added, not the graph's size.
+        for name in list(itertools.islice(reversed(self.nodes), len(self.nodes) - count)):
+            del self._op_owners[id(self.nodes.pop(name).op)]
+            for scope in _scopes_of(name):
+                left = self._scope_nodes[scope] - 1
+                if left:
+                    self._scope_nodes[scope] = left
+                else:
+                    del self._scope_nodes[scope]
             self.dag.remove_node(name)
 
     # -- adding nodes ----------------------------------------------------------------------
@@ -262,9 +279,10 @@ class Graph:
 
     def _add(self, op: Operator, inputs: Sequence[Tensor], name: str) -> Tensor:
         self._check_inputs(f"node {name!r} ({op.kind})", inputs)
-        if any(node.op is op for node in self.nodes.values()):
-            raise GraphBuildError(f"node {name!r}: operator {op!r} already belongs to another "
-                                  f"node; create one operator instance per node")
+        owner = self._op_owners.get(id(op))
+        if owner is not None:
+            raise GraphBuildError(f"node {name!r}: operator {op!r} already belongs to node "
+                                  f"{owner!r}; create one operator instance per node")
         specs = [t.node.spec for t in inputs]
         try:
             spec = op.infer(*specs)
@@ -286,6 +304,9 @@ class Graph:
         node = Node(name, op, tuple(t.name for t in inputs), spec,
                     layer="/".join(self._scopes) or None, origin=self._origin)
         self.nodes[name] = node
+        self._op_owners[id(op)] = name
+        for scope in _scopes_of(name):
+            self._scope_nodes[scope] = self._scope_nodes.get(scope, 0) + 1
         self.dag.add_node(name)
         for t in inputs:
             self.dag.add_edge(t.name, name)
@@ -392,7 +413,7 @@ class Graph:
 
         def taken(scope: str) -> bool:
             full = f"{prefix}/{scope}" if prefix else scope
-            return full in self.nodes or any(k.startswith(full + "/") for k in self.nodes)
+            return full in self.nodes or full in self._scope_nodes
 
         if name is not None:
             if taken(name):
@@ -459,9 +480,18 @@ class Graph:
         ``clip_norm``, ``clip_value`` and ``schedule`` attach weight penalties, max-norm, gradient
         clipping and a learning-rate schedule (see :mod:`graphengine.train.regularization`).
         """
-        from ..model import Model
-        return Model(self, loss=loss, outputs=outputs, optimizer=optimizer, backend=backend,
+        if compiler is None:
+            raise GraphEngineError("graphengine's runtime is not loaded: import graphengine")
+        return compiler(self, loss=loss, outputs=outputs, optimizer=optimizer, backend=backend,
                      seed=seed, parameters=parameters, **options)
+
+
+def _scopes_of(name: str) -> Iterator[str]:
+    """The scopes that node ``name`` lies in: ``"a"`` and ``"a/b"`` for ``"a/b/c"``."""
+    end = name.find("/")
+    while end != -1:
+        yield name[:end]
+        end = name.find("/", end + 1)
 
 
 def _construct(entry: Any, what: str, kind: str, config: dict[str, Any]) -> Any:

@@ -37,39 +37,22 @@ class TensorSpec:
 
 
 class Operator:
-    """Base class of every operator.
+    """Base class of every operator: a *description* of a computation, never its run state.
 
     Subclasses set ``kind`` (the name shown in errors and diagrams) and implement ``infer``,
-    ``forward`` and ``backward``. One instance belongs to one node, so an operator may keep
-    per-call state on ``self`` between its forward and its backward (a dropout mask, an argmax).
+    ``forward`` and ``backward``. One operator object serves every model compiled from its graph
+    and every thread that runs them, so it never stores anything on ``self`` while it runs.
+    What a forward keeps for its backward (a mask, an argmax, input shapes) goes on ``ctx``,
+    the context of this one call, which the run's tape hands back to ``backward``; what the run
+    decided is read from ``ctx`` too: ``ctx.training``, ``ctx.rng`` (for random numbers) and, in
+    backward, ``ctx.grad_wanted(i)`` (see :class:`graphengine.runtime.tape.Context`).
     """
 
     kind: ClassVar[str] = "operator"
     retain_inputs: ClassVar[tuple[int, ...]] = ()
     retain_output: ClassVar[bool] = False
-    #: Attributes that ``forward`` sets on ``self`` for ``backward`` (an im2col matrix, a
-    #: dropout mask). The model drops them after the backward, and after a forward that no
-    #: backward follows (inference), so they do not outlive the step like a leak.
-    state_for_backward: ClassVar[tuple[str, ...]] = ()
     #: Inputs that never receive a gradient (labels, integer ids); None means all can.
     nondifferentiable_inputs: ClassVar[tuple[int, ...]] = ()
-    #: Set by the model before each run for operators that behave differently in training.
-    training: bool = True
-    #: Set by the model for operators that draw random numbers (``backend.make_rng``).
-    rng: Any = None
-    #: Set by the model before each ``backward``: for each input, whether the plan uses its
-    #: gradient (PyTorch's ``needs_input_grad``); empty means all are. ``backward`` may skip the
-    #: work for the others and return None there (the first layer's input gradient, say).
-    wanted: tuple[bool, ...] = ()
-
-    def drop_state_for_backward(self) -> None:
-        """Forget the attributes named in ``state_for_backward`` (called by the model)."""
-        for name in self.state_for_backward:
-            setattr(self, name, None)
-
-    def grad_wanted(self, index: int) -> bool:
-        """Whether the gradient of input ``index`` is used (see ``wanted``)."""
-        return index >= len(self.wanted) or self.wanted[index]
 
     def config(self) -> dict[str, Any]:
         """The keyword arguments that rebuild this operator (shown in diagrams, saved in files)."""
@@ -78,11 +61,14 @@ class Operator:
     def infer(self, *inputs: TensorSpec) -> TensorSpec:
         raise NotImplementedError
 
-    def forward(self, xp: Any, *inputs: Any) -> Any:
+    def forward(self, ctx: Any, xp: Any, *inputs: Any) -> Any:
+        """The output, from the input arrays; ``xp`` is the backend's array module."""
         raise NotImplementedError
 
-    def backward(self, xp: Any, inputs: tuple, output: Any, grad: Any) -> tuple:
-        """Gradients for each input (``None`` where none flows), given the output's gradient."""
+    def backward(self, ctx: Any, xp: Any, inputs: tuple, output: Any, grad: Any) -> tuple:
+        """Gradients for each input (``None`` where none flows), given the output's gradient.
+        ``inputs`` holds the inputs named in ``retain_inputs`` (others are None), ``output`` the
+        output if ``retain_output`` (else None); ``ctx`` is the forward call's context."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -193,33 +179,33 @@ class Binary(Operator):
 class Add(Binary):
     kind = "add"
 
-    def forward(self, xp, a, b):
-        self.shapes = (a.shape, b.shape)
+    def forward(self, ctx, xp, a, b):
+        ctx.shapes = (a.shape, b.shape)
         return a + b
 
-    def backward(self, xp, inputs, output, grad):
-        return unbroadcast(xp, grad, self.shapes[0]), unbroadcast(xp, grad, self.shapes[1])
+    def backward(self, ctx, xp, inputs, output, grad):
+        return unbroadcast(xp, grad, ctx.shapes[0]), unbroadcast(xp, grad, ctx.shapes[1])
 
 
 class Sub(Binary):
     kind = "sub"
 
-    def forward(self, xp, a, b):
-        self.shapes = (a.shape, b.shape)
+    def forward(self, ctx, xp, a, b):
+        ctx.shapes = (a.shape, b.shape)
         return a - b
 
-    def backward(self, xp, inputs, output, grad):
-        return unbroadcast(xp, grad, self.shapes[0]), unbroadcast(xp, -grad, self.shapes[1])
+    def backward(self, ctx, xp, inputs, output, grad):
+        return unbroadcast(xp, grad, ctx.shapes[0]), unbroadcast(xp, -grad, ctx.shapes[1])
 
 
 class Mul(Binary):
     kind = "mul"
     retain_inputs = (0, 1)
 
-    def forward(self, xp, a, b):
+    def forward(self, ctx, xp, a, b):
         return a * b
 
-    def backward(self, xp, inputs, output, grad):
+    def backward(self, ctx, xp, inputs, output, grad):
         a, b = inputs
         return unbroadcast(xp, grad * b, a.shape), unbroadcast(xp, grad * a, b.shape)
 
@@ -228,10 +214,10 @@ class Div(Binary):
     kind = "div"
     retain_inputs = (0, 1)
 
-    def forward(self, xp, a, b):
+    def forward(self, ctx, xp, a, b):
         return a / b
 
-    def backward(self, xp, inputs, output, grad):
+    def backward(self, ctx, xp, inputs, output, grad):
         a, b = inputs
         grad_a = grad / b
         return unbroadcast(xp, grad_a, a.shape), unbroadcast(xp, -grad_a * a / b, b.shape)
@@ -243,10 +229,10 @@ class Neg(Operator):
     def infer(self, x):
         return x
 
-    def forward(self, xp, x):
+    def forward(self, ctx, xp, x):
         return -x
 
-    def backward(self, xp, inputs, output, grad):
+    def backward(self, ctx, xp, inputs, output, grad):
         return (-grad,)
 
 
@@ -264,10 +250,12 @@ class Pow(Operator):
         require_float(x)
         return x
 
-    def forward(self, xp, x):
+    def forward(self, ctx, xp, x):
         return x ** self.exponent
 
-    def backward(self, xp, inputs, output, grad):
+    def backward(self, ctx, xp, inputs, output, grad):
+        if self.exponent == 0:  # x ** 0 is constant: 0 * x ** -1 would be NaN at x = 0
+            return (xp.zeros_like(grad),)
         (x,) = inputs
         return (grad * self.exponent * x ** (self.exponent - 1),)
 
@@ -292,15 +280,15 @@ class MatMul(Operator):
         lead = broadcast_shapes(a.shape[:-2], b.shape[:-2])
         return TensorSpec(lead + (a.shape[-2], b.shape[-1]), dtype)
 
-    def forward(self, xp, a, b):
+    def forward(self, ctx, xp, a, b):
         return a @ b
 
-    def backward(self, xp, inputs, output, grad):
+    def backward(self, ctx, xp, inputs, output, grad):
         a, b = inputs
         if b.ndim == 2:
-            grad_a = grad @ b.T if self.grad_wanted(0) else None
+            grad_a = grad @ b.T if ctx.grad_wanted(0) else None
             k, n = b.shape
-            grad_b = a.reshape(-1, k).T @ grad.reshape(-1, n) if self.grad_wanted(1) else None
+            grad_b = a.reshape(-1, k).T @ grad.reshape(-1, n) if ctx.grad_wanted(1) else None
             return grad_a, grad_b
         grad_a = grad @ xp.swapaxes(b, -1, -2)
         grad_b = xp.swapaxes(a, -1, -2) @ grad
@@ -317,10 +305,10 @@ class Exp(Operator):
         require_float(x)
         return x
 
-    def forward(self, xp, x):
+    def forward(self, ctx, xp, x):
         return xp.exp(x)
 
-    def backward(self, xp, inputs, output, grad):
+    def backward(self, ctx, xp, inputs, output, grad):
         return (grad * output,)
 
 
@@ -332,10 +320,10 @@ class Log(Operator):
         require_float(x)
         return x
 
-    def forward(self, xp, x):
+    def forward(self, ctx, xp, x):
         return xp.log(x)
 
-    def backward(self, xp, inputs, output, grad):
+    def backward(self, ctx, xp, inputs, output, grad):
         return (grad / inputs[0],)
 
 
@@ -347,10 +335,10 @@ class Sqrt(Operator):
         require_float(x)
         return x
 
-    def forward(self, xp, x):
+    def forward(self, ctx, xp, x):
         return xp.sqrt(x)
 
-    def backward(self, xp, inputs, output, grad):
+    def backward(self, ctx, xp, inputs, output, grad):
         return (grad * 0.5 / output,)
 
 
@@ -361,10 +349,10 @@ class Abs(Operator):
     def infer(self, x):
         return x
 
-    def forward(self, xp, x):
+    def forward(self, ctx, xp, x):
         return xp.abs(x)
 
-    def backward(self, xp, inputs, output, grad):
+    def backward(self, ctx, xp, inputs, output, grad):
         return (grad * xp.sign(inputs[0]),)
 
 
@@ -374,10 +362,10 @@ class Maximum(Binary):
     kind = "maximum"
     retain_inputs = (0, 1)
 
-    def forward(self, xp, a, b):
+    def forward(self, ctx, xp, a, b):
         return xp.maximum(a, b)
 
-    def backward(self, xp, inputs, output, grad):
+    def backward(self, ctx, xp, inputs, output, grad):
         a, b = inputs
         first = a >= b
         return (unbroadcast(xp, grad * first, a.shape),
@@ -411,26 +399,26 @@ class Reduction(Operator):
 class Sum(Reduction):
     kind = "sum"
 
-    def forward(self, xp, x):
-        self.shape = x.shape
+    def forward(self, ctx, xp, x):
+        ctx.shape = x.shape
         return x.sum(axis=self.axes, keepdims=self.keepdims)
 
-    def backward(self, xp, inputs, output, grad):
-        return (self.expand(xp, grad, self.shape),)
+    def backward(self, ctx, xp, inputs, output, grad):
+        return (self.expand(xp, grad, ctx.shape),)
 
 
 class Mean(Reduction):
     kind = "mean"
 
-    def forward(self, xp, x):
-        self.shape = x.shape
+    def forward(self, ctx, xp, x):
+        ctx.shape = x.shape
         return x.mean(axis=self.axes, keepdims=self.keepdims)
 
-    def backward(self, xp, inputs, output, grad):
+    def backward(self, ctx, xp, inputs, output, grad):
         count = 1
         for a in self.axes:
-            count *= self.shape[a]
-        return (self.expand(xp, grad / count, self.shape),)
+            count *= ctx.shape[a]
+        return (self.expand(xp, grad / count, ctx.shape),)
 
 
 # --------------------------------------------------------------------------- shape manipulation
@@ -483,12 +471,12 @@ class Reshape(Operator):
                              f"a whole number of batch items of {total}")
         return TensorSpec(tuple(target), x.dtype)
 
-    def forward(self, xp, x):
-        self.in_shape = x.shape
+    def forward(self, ctx, xp, x):
+        ctx.in_shape = x.shape
         return x.reshape(tuple(x.shape[0] if d is None else d for d in self.shape))
 
-    def backward(self, xp, inputs, output, grad):
-        return (grad.reshape(self.in_shape),)
+    def backward(self, ctx, xp, inputs, output, grad):
+        return (grad.reshape(ctx.in_shape),)
 
 
 class Transpose(Operator):
@@ -508,10 +496,10 @@ class Transpose(Operator):
         self.inverse = tuple(self.perm.index(i) for i in range(x.ndim))
         return TensorSpec(tuple(x.shape[a] for a in self.perm), x.dtype)
 
-    def forward(self, xp, x):
+    def forward(self, ctx, xp, x):
         return xp.transpose(x, self.perm)
 
-    def backward(self, xp, inputs, output, grad):
+    def backward(self, ctx, xp, inputs, output, grad):
         return (xp.transpose(grad, self.inverse),)
 
 
@@ -539,14 +527,14 @@ class Concat(Operator):
         self.resolved_axis = axis
         return TensorSpec(xs[0].shape[:axis] + (size,) + xs[0].shape[axis + 1:], dtype)
 
-    def forward(self, xp, *xs):
-        self.sizes = [x.shape[self.resolved_axis] for x in xs]
+    def forward(self, ctx, xp, *xs):
+        ctx.sizes = [x.shape[self.resolved_axis] for x in xs]
         return xp.concatenate(xs, axis=self.resolved_axis)
 
-    def backward(self, xp, inputs, output, grad):
+    def backward(self, ctx, xp, inputs, output, grad):
         bounds = []
         total = 0
-        for s in self.sizes[:-1]:
+        for s in ctx.sizes[:-1]:
             total += s
             bounds.append(total)
         return tuple(xp.split(grad, bounds, axis=self.resolved_axis))
@@ -578,12 +566,12 @@ class Index(Operator):
                 raise ShapeError(f"only integers and slices can index a tensor, got {k!r}")
         return TensorSpec(tuple(shape), x.dtype)
 
-    def forward(self, xp, x):
-        self.in_shape, self.dtype = x.shape, x.dtype
+    def forward(self, ctx, xp, x):
+        ctx.in_shape, ctx.dtype = x.shape, x.dtype
         return x[self.key]
 
-    def backward(self, xp, inputs, output, grad):
-        full = xp.zeros(self.in_shape, dtype=self.dtype)
+    def backward(self, ctx, xp, inputs, output, grad):
+        full = xp.zeros(ctx.in_shape, dtype=ctx.dtype)
         full[self.key] = grad
         return (full,)
 

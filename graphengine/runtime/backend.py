@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import BackendError
+from ..plugins import get_plugin_manager
 
 
 class Backend:
@@ -80,3 +81,16 @@ def module_namespace(module: types.ModuleType, **extras: Any) -> types.SimpleNam
     names = {name: getattr(module, name) for name in dir(module) if not name.startswith("__")}
     names.update(extras)
     return types.SimpleNamespace(**names)
+
+
+def get_backend(backend: str | Backend) -> Backend:
+    """A backend by registered name (``"numpy"``, ``"strict"``, ``"cupy"``), or ``backend``
+    itself when it is a Backend instance already."""
+    if isinstance(backend, Backend):
+        return backend
+    if not isinstance(backend, str):
+        names = get_plugin_manager().backends.names()
+        raise BackendError(f"backend must be a registered backend name or a Backend instance, got "
+                           f"{type(backend).__name__} {backend!r}: pass one of "
+                           f"{', '.join(map(repr, names))} (e.g. backend='numpy')")
+    return get_plugin_manager().backends.get(backend)()

@@ -20,13 +20,15 @@ import weakref
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import NumericalError, ShapeError
+from ..errors import GraphEngineError, NumericalError, ShapeError
+from ..runtime.executor import Observer, describe_node, implementation
+from ..runtime.feeds import fits
 
 if TYPE_CHECKING:
-    from ..compiler.plan import Step
+    from ..compiler.plan import BackwardStep, Step
     from ..ir.graph import Graph
-    from ..ir.operators import Operator
     from ..model import Model
+    from ..runtime.tape import Tape
 
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("graphengine_debug", default=False)
 
@@ -71,24 +73,6 @@ _DEFAULT_HINT = ("an overflow or an undefined value in this operator: check the 
                  "inputs, lower the learning rate, or clip gradients")
 
 
-def implementation(op: Operator) -> str:
-    """The class that implements an operator: the plugin's activation or loss class for those."""
-    impl = getattr(op, "activation", None) or getattr(op, "loss", None) or op
-    cls = type(impl)
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def describe_node(graph: Graph, name: str) -> str:
-    """``node 'fc1/matmul' (matmul, in layer 'fc1', built at train.py:12)``."""
-    node = graph.nodes[name]
-    where = [node.kind]
-    if node.layer:
-        where.append(f"in layer {node.layer!r}")
-    if node.origin:
-        where.append(f"built at {node.origin}")
-    return f"node {name!r} ({', '.join(where)})"
-
-
 def _shapes(arrays: Sequence[Any]) -> str:
     return ", ".join(f"{tuple(a.shape)} {a.dtype}" if hasattr(a, "shape") else type(a).__name__
                      for a in arrays)
@@ -108,40 +92,51 @@ def _census(xp: Any, array: Any) -> str:
     return f"{' and '.join(parts)} among {array.size} values"
 
 
-def fits(shape: tuple, spec_shape: tuple) -> bool:
-    """Whether an array's ``shape`` is one that ``spec_shape`` (None: any size) allows."""
-    return len(shape) == len(spec_shape) and all(d is None or d == s for d, s in zip(spec_shape, shape))
+class DebugObserver(Observer):
+    """The checks of debug mode, as an observer of the program that runs (fused steps
+    included). Fails at the first bad value."""
 
-
-class DebugObserver:
-    """The checks of debug mode, as a model observer. Fails at the first bad value."""
+    inference = True
 
     def __init__(self) -> None:
-        #: Node name -> shapes of its inputs in the last forward: what its gradients must match.
-        self.input_shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
+        #: Slot -> shape of its value in the last forward: what its gradient must match.
+        self.shapes: dict[int, tuple[int, ...]] = {}
+        #: The tape of the last training forward, and copies of the parameters it read: to
+        #: catch in-place changes before its backward (the version counters see only changes
+        #: made through the model).
+        self.weights: tuple[Tape | None, dict[str, Any]] = (None, {})
 
-    def wants(self, model: Model) -> bool:
-        return True
+    def on_run_start(self, model: Model, tape: Tape) -> None:
+        if tape.plan.backward:
+            self.weights = tape, {name: tape.values[tape.plan.slots[name]].copy()
+                                  for name in tape.plan.parameters}
 
     # -- forward ------------------------------------------------------------------------------
 
-    def on_forward(self, model: Model, step: Step, args: Sequence[Any], value: Any) -> None:
+    def on_forward(self, model: Model, tape: Tape, step: Step, args: Sequence[Any], value: Any) -> None:
         graph, xp = model.graph, model.xp
         node = graph.nodes[step.name]
-        self.input_shapes[step.name] = tuple(tuple(a.shape) for a in args if hasattr(a, "shape"))
+        for slot, arg in zip(step.args, args):
+            self.shapes[slot] = tuple(getattr(arg, "shape", ()))
+        self.shapes[step.out] = tuple(getattr(value, "shape", ()))
+        nodes = getattr(step.op, "nodes", ())
+        if len(nodes) == 3:  # a fused dense chain: its hidden pre-activation is shaped like its output
+            self.shapes[tape.plan.slots[nodes[1]]] = self.shapes[step.out]
         shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
         if shape is None or dtype is None or not fits(tuple(shape), node.shape) or dtype != node.dtype:
             got = f"{tuple(shape)} {dtype}" if shape is not None else f"a {type(value).__name__}"
             raise _at(ShapeError(
                 f"{describe_node(graph, step.name)}: forward returned {got}, but shape inference "
                 f"said {node.spec}; inputs: {_shapes(args)}. The operator's infer() and forward() "
-                f"disagree: fix {implementation(node.op)} (or report it to its plugin's author)"),
+                f"disagree: fix {implementation(step.op)} (or report it to its plugin's author)"),
                 step.name)
         if _finite(xp, value):
             return
-        for input_name, arg in zip(node.inputs, args):
+        # a fused step's inputs are read by the first node of its chain
+        reader = getattr(step.op, "nodes", (step.name,))[0]
+        for input_name, arg in zip(_input_names(tape, step), args):
             if not _finite(xp, arg):  # computed inputs were checked: this one is a source
-                raise _at(NumericalError(_bad_source(graph, input_name, xp, arg, step.name)),
+                raise _at(NumericalError(_bad_source(graph, input_name, xp, arg, reader)),
                           input_name)
         hint = _HINTS.get(node.kind, _DEFAULT_HINT)
         raise _at(NumericalError(
@@ -150,9 +145,14 @@ class DebugObserver:
 
     # -- backward -----------------------------------------------------------------------------
 
-    def on_backward(self, model: Model, step: Step, grad: Any, input_grads: Sequence[Any]) -> None:
+    def on_backward(self, model: Model, tape: Tape, bstep: BackwardStep, grad: Any,
+                    input_grads: Sequence[Any]) -> None:
         graph, xp = model.graph, model.xp
+        step = bstep.step
+        if self.weights[0] is tape:
+            self._check_weights(model, tape)
         node = graph.nodes[step.name]
+        inputs = _input_names(tape, step)
         described = describe_node(graph, step.name)
         if not _finite(xp, grad):
             consumers = ", ".join(repr(c) for c in graph.consumers(step.name))
@@ -161,17 +161,17 @@ class DebugObserver:
                 f"the sum of its consumers' finite gradients ({consumers}) overflowed; use a "
                 f"wider float dtype or scale the loss down"), step.name)
         input_grads = tuple(input_grads)
-        if len(input_grads) != len(node.inputs):
+        if len(input_grads) != len(inputs):
             raise _at(ShapeError(
                 f"{described}: backward returned {len(input_grads)} gradients for "
-                f"{len(node.inputs)} inputs; fix {implementation(node.op)}: one gradient (or None) "
+                f"{len(inputs)} inputs; fix {implementation(step.op)}: one gradient (or None) "
                 f"per input"), step.name)
-        shapes = self.input_shapes.get(step.name)
-        for k, (input_name, g) in enumerate(zip(node.inputs, input_grads)):
+        shapes = [self.shapes.get(slot) for slot in step.args]
+        for k, (input_name, g) in enumerate(zip(inputs, input_grads)):
             if g is None:
                 continue
             spec = graph.nodes[input_name].spec
-            expected = shapes[k] if shapes is not None and k < len(shapes) else None
+            expected = shapes[k]
             shape = tuple(getattr(g, "shape", ()))
             if (shape != expected if expected is not None else not fits(shape, spec.shape)) \
                     or getattr(g, "dtype", None) != spec.dtype:
@@ -179,7 +179,7 @@ class DebugObserver:
                     f"{described}: backward returned a gradient of {shape} "
                     f"{getattr(g, 'dtype', type(g).__name__)} for input {k} {input_name!r}, which "
                     f"is {expected or spec.shape} {spec.dtype}; every gradient must have its "
-                    f"input's shape and dtype: fix {implementation(node.op)} (or report it to its "
+                    f"input's shape and dtype: fix {implementation(step.op)} (or report it to its "
                     f"plugin's author)"), step.name)
             if not _finite(xp, g):
                 hint = _HINTS.get(node.kind, _DEFAULT_HINT)
@@ -188,6 +188,16 @@ class DebugObserver:
                     f"to input {k} {input_name!r} (shape {shape}), from a finite incoming gradient "
                     f"of shape {tuple(grad.shape)}; its inputs had shapes "
                     f"{', '.join(str(s) for s in shapes or ())}. Likely cause: {hint}"), step.name)
+
+    def _check_weights(self, model: Model, tape: Tape) -> None:
+        weights, self.weights = self.weights[1], (None, {})
+        changed = [name for name, before in weights.items()
+                   if not bool(model.xp.array_equal(before, tape.values[tape.plan.slots[name]]))]
+        if changed:
+            raise GraphEngineError(
+                f"parameter(s) {changed} were changed in place between forward() and backward(): "
+                f"the gradients would mix two sets of weights; change parameters after the "
+                f"backward (or call forward() again)")
 
     # -- update -------------------------------------------------------------------------------
 
@@ -210,6 +220,11 @@ def _bad_source(graph: Graph, name: str, xp: Any, array: Any, reader: str) -> st
                 f"update made it non-finite; turn debug mode on from the start of training to "
                 f"catch that update, and lower the learning rate")
     return f"{census} in {kind} {name!r} (read by {describe_node(graph, reader)}): give it finite values"
+
+
+def _input_names(tape: Tape, step: Step) -> list[str]:
+    names = tape.plan.names
+    return [names[a] for a in step.args]
 
 
 def _at(error: Exception, node: str) -> Exception:

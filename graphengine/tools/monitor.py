@@ -19,46 +19,27 @@ doubles, so it always spans the whole run.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import GraphEngineError, require_int
+from ..runtime.executor import Observer
 
 if TYPE_CHECKING:
-    from ..compiler.plan import Plan, Step
+    from ..compiler.plan import BackwardStep, Plan, Step
     from ..model import Model
+    from ..runtime.tape import Tape
 
 #: Columns of a record's table, one row per graph node. NaN: not measured.
 FIELDS = ("grad_rms", "grad_norm", "grad_max", "dead_fraction", "saturation", "update_ratio")
 _RMS, _NORM, _MAX, _DEAD, _SAT, _UPDATE = range(len(FIELDS))
 
-#: An output counts as saturated where the activation's slope is below this share of its peak.
+#: An output counts as saturated where the activation's slope is below this share of its peak
+#: (the definition an activation declaring ``health = "saturation"`` measures).
 SATURATED_SLOPE = 0.05
-
-
-def _relu_dead(xp: Any, y: Any) -> Any:
-    # A unit is dead on this batch when no example activates it.
-    return xp.mean(xp.all(y <= 0, axis=0))
-
-
-def _sigmoid_saturated(xp: Any, y: Any) -> Any:
-    return xp.mean(y * (1 - y) < 0.25 * SATURATED_SLOPE)
-
-
-def _tanh_saturated(xp: Any, y: Any) -> Any:
-    return xp.mean(1 - y * y < SATURATED_SLOPE)
-
-
-#: Activation kind -> (column, health measure of its output).
-ACTIVATION_HEALTH: dict[str, tuple[int, Callable[[Any, Any], Any]]] = {
-    "relu": (_DEAD, _relu_dead),
-    "sigmoid": (_SAT, _sigmoid_saturated),
-    "logistic": (_SAT, _sigmoid_saturated),
-    "tanh": (_SAT, _tanh_saturated),
-}
 
 
 @dataclass(frozen=True)
@@ -177,12 +158,11 @@ class _Recording:
 class _PlanInfo:
     """What the monitor needs to know of a backward plan."""
 
-    grad_to: dict[int, tuple[int, ...]]  # id(step) -> grad_to of its backward step
     pieces: dict[Any, int]  # a source name, or a (source, consumer) edge -> gradient pieces
     fanned_out: frozenset[str]  # sources whose gradient flows back along several edges
 
 
-class GradientMonitor:
+class GradientMonitor(Observer):
     """Records gradient statistics every ``every`` steps into a history of at most ``keep``
     records. Attach it with :meth:`attach` (or append it to ``model.observers``).
 
@@ -190,6 +170,9 @@ class GradientMonitor:
     network whose steps are mostly per-operator overhead (``benchmarks/monitor_overhead.py``).
     ``edges=False`` skips the per-edge gradients of fanned-out tensors.
     """
+
+    #: Gradients of every graph node: the executor runs the unfused plan on recorded steps.
+    every_node = True
 
     def __init__(self, every: int = 50, keep: int = 500, edges: bool = True) -> None:
         self.every = require_int(every, "GradientMonitor(every=...)", 1, GraphEngineError)
@@ -263,7 +246,7 @@ class GradientMonitor:
             self._close()
         return self._open is not None or self._due(model)
 
-    def on_forward(self, model: Model, step: Step, args: Sequence[Any], value: Any) -> None:
+    def on_forward(self, model: Model, tape: Tape, step: Step, args: Sequence[Any], value: Any) -> None:
         recording = self._open
         if recording is not None and (recording.phase != "forward" or step.out <= recording.last_out):
             self._close()
@@ -276,22 +259,25 @@ class GradientMonitor:
         xp = model.xp
         if step.name == model.loss_name:
             recording.losses.append(value)
-        health = ACTIVATION_HEALTH.get(step.op.kind)
+        # an activation plugin declares its health measure (see graphengine.Activation)
+        activation = getattr(step.op, "activation", None)
+        health = getattr(activation, "health", None)
         if health is not None and value.ndim >= 1:
-            column, measure = health
-            recording.health.append(measure(xp, value))
-            recording.cells.append((self._index[step.name], column))
+            recording.health.append(activation.measure_health(xp, value))
+            recording.cells.append((self._index[step.name], FIELDS.index(health)))
 
-    def on_backward(self, model: Model, step: Step, grad: Any, input_grads: Sequence[Any]) -> None:
+    def on_backward(self, model: Model, tape: Tape, bstep: BackwardStep, grad: Any,
+                    input_grads: Sequence[Any]) -> None:
         recording = self._open
         if recording is None:
             return
         recording.phase = "backward"
         xp = model.xp
+        step = bstep.step
         self._measure(xp, recording, step.name, grad)
-        info = self._info(model)
+        info = self._info(model, tape.backward_plan)
         inputs = model.graph.nodes[step.name].inputs
-        for k, (slot, g) in enumerate(zip(info.grad_to[id(step)], input_grads)):
+        for k, (slot, g) in enumerate(zip(bstep.grad_to, input_grads)):
             if slot < 0 or g is None:
                 continue
             source = inputs[k]
@@ -347,8 +333,7 @@ class GradientMonitor:
         recording.partial[key] = (total, remaining - 1)
         return None
 
-    def _info(self, model: Model) -> _PlanInfo:
-        plan = model._plan
+    def _info(self, model: Model, plan: Plan) -> _PlanInfo:
         if self._plan_info is None or self._plan_info[0] is not plan:
             self._plan_info = (plan, _plan_info(model, plan))
         return self._plan_info[1]
@@ -389,12 +374,10 @@ def _rms_norm(square_sum: float, size: int) -> tuple[float, float]:
 
 def _plan_info(model: Model, plan: Plan) -> _PlanInfo:
     graph = model.graph
-    grad_to: dict[int, tuple[int, ...]] = {}
     pieces: dict[Any, int] = {}
     consumers: dict[str, set[str]] = {}
     for bstep in plan.backward:
         step = bstep.step
-        grad_to[id(step)] = bstep.grad_to
         for k, slot in enumerate(bstep.grad_to):
             if slot < 0:
                 continue
@@ -404,7 +387,7 @@ def _plan_info(model: Model, plan: Plan) -> _PlanInfo:
             if graph.is_source(source):
                 pieces[source] = pieces.get(source, 0) + 1
     fanned_out = frozenset(s for s, users in consumers.items() if len(users) > 1)
-    return _PlanInfo(grad_to, pieces, fanned_out)
+    return _PlanInfo(pieces, fanned_out)
 
 
 def find_monitor(model: Model) -> GradientMonitor | None:

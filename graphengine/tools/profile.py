@@ -118,21 +118,13 @@ class _Measured:
         self.sink[key] = self.sink.get(key, 0.0) + time.perf_counter() - begin
         return result
 
-    @property
-    def state_for_backward(self) -> tuple[str, ...]:
-        return self.op.state_for_backward
-
-    def drop_state_for_backward(self) -> None:
-        self.op.drop_state_for_backward()
-
-    def forward(self, xp: Any, *inputs: Any) -> Any:
-        value = self._call("forward", self.op.forward, xp, *inputs)
+    def forward(self, ctx: Any, xp: Any, *inputs: Any) -> Any:
+        value = self._call("forward", self.op.forward, ctx, xp, *inputs)
         self.sink[(self.index, "output")] = int(getattr(value, "nbytes", 0))
         return value
 
-    def backward(self, xp: Any, inputs: tuple, output: Any, grad: Any) -> tuple:
-        self.op.wanted = self.wanted  # what the model told this wrapper, for the operator itself
-        return self._call("backward", self.op.backward, xp, inputs, output, grad)
+    def backward(self, ctx: Any, xp: Any, inputs: tuple, output: Any, grad: Any) -> tuple:
+        return self._call("backward", self.op.backward, ctx, xp, inputs, output, grad)
 
 
 def _instrumented(plan: Plan, sink: dict, traced: bool) -> Plan:
@@ -160,7 +152,6 @@ def profile(model: Model, feeds: Mapping[str, Any], *, steps: int = 10, fused: b
     steps); otherwise the parameters are left as they are. ``memory`` adds one traced pass for
     the allocation columns.
     """
-    from ..model import _executed
     if model.loss_name is None:
         raise GraphEngineError("profile() times training steps: compile the model with a loss")
     if update and model.optimizer is None:
@@ -168,50 +159,51 @@ def profile(model: Model, feeds: Mapping[str, Any], *, steps: int = 10, fused: b
     if steps < 1:
         raise GraphEngineError(f"profile() needs steps >= 1, got {steps}")
     plan = model.train_plan
-    executed = _executed(plan, fused)
+    executed = plan.fast if fused and plan.fast is not None else plan
     samples: list[dict[tuple[int, str], float]] = []
     overhead: dict[str, list[float]] = {"feeds": [], "engine": [], "update": []}
 
+    executor = model.executor
+    feed_plan = replace(plan, steps=[], backward=[], fast=None)  # only loads the feeds
+
     def one_step(measured: Plan, sink: dict) -> None:
         start = time.perf_counter()
-        values = model._prepare(plan, feeds)
+        executor.forward(feed_plan, feeds, training=True, rng=model.rng)
         overhead["feeds"].append(time.perf_counter() - start)
         start = time.perf_counter()
-        model._run_forward(measured, values)
-        grads = model._run_backward(measured, values)
-        wall = time.perf_counter() - start
+        model.tape = executor.forward(measured, feeds, training=True, rng=model.rng)
+        model.backward()
+        wall = time.perf_counter() - start - overhead["feeds"][-1]
         overhead["engine"].append(wall - sum(v for (_, phase), v in sink.items() if phase != "output"))
-        model._plan, model._values, model._grads, model._fused = plan, values, grads, fused
         if update:
             start = time.perf_counter()
             model.step()
             overhead["update"].append(time.perf_counter() - start)
 
-    with model.mode(True):
-        timing: dict[tuple[int, str], float] = {}
-        measured = _instrumented(executed, timing, traced=False)
-        one_step(measured, timing)  # warm-up
-        for series in overhead.values():
-            series.clear()
-        for _ in range(steps):
-            timing.clear()
-            one_step(measured, timing)
-            samples.append(dict(timing))
-        traced = memory and model.backend.name != "cupy"
-        allocated: dict[tuple[int, str], float] = {}
-        if traced:
-            traced_plan = _instrumented(executed, allocated, traced=True)
-            started = not tracemalloc.is_tracing()
+    timing: dict[tuple[int, str], float] = {}
+    measured = _instrumented(executed, timing, traced=False)
+    one_step(measured, timing)  # warm-up
+    for series in overhead.values():
+        series.clear()
+    for _ in range(steps):
+        timing.clear()
+        one_step(measured, timing)
+        samples.append(dict(timing))
+    traced = memory and model.backend.name != "cupy"
+    allocated: dict[tuple[int, str], float] = {}
+    if traced:
+        traced_plan = _instrumented(executed, allocated, traced=True)
+        started = not tracemalloc.is_tracing()
+        if started:
+            tracemalloc.start()
+        try:
+            one_step(traced_plan, allocated)
+        finally:
             if started:
-                tracemalloc.start()
-            try:
-                one_step(traced_plan, allocated)
-            finally:
-                if started:
-                    tracemalloc.stop()
-            for series in overhead.values():
-                if series:
-                    series.pop()  # the traced step's times are not the step's times
+                tracemalloc.stop()
+        for series in overhead.values():
+            if series:
+                series.pop()  # the traced step's times are not the step's times
     return Profile(_rows(model, executed, samples, allocated),
                    1e3 * _median(overhead["feeds"]), 1e3 * _median(overhead["engine"]),
                    1e3 * _median(overhead["update"]) if update else 0.0, steps, fused, traced)
@@ -241,5 +233,5 @@ def _batch_size(model: Model, plan: Plan) -> int | None:
     for name in plan.feeds:
         shape = plan.specs[plan.slots[name]].shape
         if None in shape:
-            return model._values[plan.slots[name]].shape[shape.index(None)]
+            return model.tape.value(name).shape[shape.index(None)]
     return None

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Mapping
 from operator import is_
 from typing import Any
 
+from ..compiler.fusion import FusedDense
+
 #: Elements per optimizer call. An update over a large flat array makes temporaries of the
 #: same size, each fresh memory to fault in; in chunks of 256 KiB (float32) they come from the
 #: allocator's cache and stay in the processor's.
@@ -177,7 +179,6 @@ class FlatParameters:
         """Let ``plan``'s fused steps write parameter gradients straight into the flat gradient
         buffers (no copy before the update), where a parameter has no other reader whose
         gradient would have to be added to it."""
-        from ..compiler.fusion import FusedDense
         fast = plan.fast
         if fast is None or not self.groups:
             return
@@ -208,7 +209,7 @@ class FlatParameters:
         wanted = set(names)
         xp, states, optimizer = model.xp, model.optimizer_state, model.optimizer
         for group in self.groups:
-            if (wanted.issuperset(group.names) and group.ready(model._params, grads)
+            if (wanted.issuperset(group.names) and group.ready(model.store.arrays, grads)
                     and group.sync_state(xp, optimizer, states)):
                 group.update(xp, optimizer, states, group.flat_grad(xp, grads), model.step_count)
                 done.update(group.names)

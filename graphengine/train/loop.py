@@ -212,12 +212,11 @@ def fit(model: Model, data: Mapping[str, Any], *, epochs: int = 1, batch_size: i
     if batch_size > n:
         raise DataError(f"batch_size {batch_size} is larger than the dataset ({n} rows); use "
                         f"batch_size={n} for full-batch gradient descent")
-    data = {k: model._feed_array(k, v) for k, v in data.items()}
+    data = {k: model.feed_array(k, v) for k, v in data.items()}
     fit_preprocessing(model, data)
     history = history or History()
     model.stop_training = False
     loss_op, pred_name, target_name = _loss_parts(model)
-    pred_slot = model.train_plan.slots[pred_name] if pred_name else None
     with model.mode(training=True):
         for callback in callbacks:
             callback.on_train_begin(model, history)
@@ -237,8 +236,8 @@ def fit(model: Model, data: Mapping[str, Any], *, epochs: int = 1, batch_size: i
                         f"clip gradients, or set model.debug = True to find the node that made it")
                 totals["loss"] += loss * size
                 if loss_op is not None:
-                    acc = loss_op.loss.accuracy(model.xp, model._values[pred_slot],
-                                                model._values[model.train_plan.slots[target_name]])
+                    acc = loss_op.loss.accuracy(model.xp, model.tape.value(pred_name),
+                                                model.tape.value(target_name))
                     if acc is not None:
                         totals["correct"] += float(model.backend.to_numpy(acc)) * size
                     else:
@@ -333,18 +332,16 @@ def evaluate(model: Model, data: Mapping[str, Any], batch_size: int | None = Non
     n = dataset_length(data)
     loss_op, pred_name, target_name = _loss_parts(model)
     fetch = (model.loss_name,) + ((pred_name, target_name) if loss_op else ())
-    plan = model._get_plan("infer", fetch)
+    plan = model.plan("infer", fetch)
     total_loss, correct = 0.0, 0.0
-    with model.mode(training=False):
-        for batch in batches(data, n, n if batch_size is None else batch_size, order=None):
-            size = len(next(iter(batch.values())))
-            values = model._prepare(plan, batch)
-            model._run_forward(plan, values, model._observers(inference=True))
-            total_loss += float(model.backend.to_numpy(values[plan.slots[model.loss_name]])) * size
-            if loss_op is not None:
-                acc = loss_op.loss.accuracy(model.xp, values[plan.slots[pred_name]],
-                                            values[plan.slots[target_name]])
-                correct = math.nan if acc is None else correct + float(model.backend.to_numpy(acc)) * size
+    observers = model.active_observers(inference=True)
+    for batch in batches(data, n, n if batch_size is None else batch_size, order=None):
+        size = len(next(iter(batch.values())))
+        tape = model.executor.forward(plan, batch, training=False, rng=model.rng, observers=observers)
+        total_loss += float(model.backend.to_numpy(tape.value(model.loss_name))) * size
+        if loss_op is not None:
+            acc = loss_op.loss.accuracy(model.xp, tape.value(pred_name), tape.value(target_name))
+            correct = math.nan if acc is None else correct + float(model.backend.to_numpy(acc)) * size
     out = {"loss": total_loss / n}
     if loss_op is not None and not math.isnan(correct):
         out["accuracy"] = correct / n

@@ -74,7 +74,7 @@ _selections: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def selected_parameters(hook: Any, model: Model) -> list[str]:
     """``select_parameters`` for a hook applied on every step: computed again (and checked)
     only when the model or its frozen set changes."""
-    trainable = model._trainable_names()
+    trainable = model.store.trainable()
     cached = _selections.get(hook)
     if cached is None or cached[0]() is not model or cached[1] is not trainable:
         # a weak reference: the model holds the hook, and must stay collectable
