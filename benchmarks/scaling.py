@@ -95,21 +95,22 @@ class GCClock:
 
     def _callback(self, phase: str, info: dict) -> None:
         if phase == "start":
-            self._start = time.perf_counter()
+            self._start = clock()
         else:
-            self.seconds += time.perf_counter() - self._start
+            self.seconds += clock() - self._start
 
 
 GC = GCClock()
+clock = time.perf_counter  # --cpu: time.process_time
 
 
 def timed(fn):
     """(seconds, seconds of garbage collection within, fn's result), after a full collection."""
     gc.collect()
     collected = GC.seconds
-    start = time.perf_counter()
+    start = clock()
     out = fn()
-    return time.perf_counter() - start, GC.seconds - collected, out
+    return clock() - start, GC.seconds - collected, out
 
 
 def measure_once(shape: str, size: int, steps: int) -> tuple[int, dict, dict]:
@@ -175,9 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per size")
     parser.add_argument("--repeat-nodes", type=int, default=8000,
                         help="smaller sizes take the median over this many nodes' worth of graphs")
+    parser.add_argument("--cpu", action="store_true", help="time this process's CPU time, not "
+                        "wall time: steadier where other processes share the cores")
     parser.add_argument("--json", action="store_true", help="also write benchmarks/results/scaling-*.json")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for the JSON")
     args = parser.parse_args(argv)
+    global clock
+    clock = time.process_time if args.cpu else time.perf_counter
     shapes = args.shapes.split(",")
     unknown = set(shapes) - set(SHAPES)
     if unknown:

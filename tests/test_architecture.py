@@ -128,7 +128,6 @@ def test_the_import_graph_is_read():
     assert graph.has_edge("graphengine", "graphengine.plugins")
 
 
-@pytest.mark.xfail(strict=False, reason="graphengine/model.py is being split")
 def test_the_core_has_no_import_cycles():
     graph, lines = import_graph()
     groups = sorted((sorted(c) for c in nx.strongly_connected_components(graph) if len(c) > 1),

@@ -87,6 +87,10 @@ def test_dropout_mode_is_explicit_train_and_eval():
     assert not model.training
     evaluated = model.run({"x": x}, fetches=["dropout0/dropout"])["dropout0/dropout"]
     assert np.array_equal(evaluated, x)
+    # a run chooses its own mode and leaves the model's alone
+    masked = model.run({"x": x}, fetches=["dropout0/dropout"], training=True)["dropout0/dropout"]
+    assert set(np.unique(masked)) == {0.0, 2.0}
+    assert not model.training
     # predict evaluates even from training mode, and leaves the mode as it was
     model.train()
     w, b = (model.parameters()[n] for n in ("dense0/W", "dense0/b"))

@@ -23,7 +23,8 @@ def loss_op(kind: str, **config) -> LossOp:
 
 
 def loss_value(kind: str, pred, target, **config) -> float:
-    return float(loss_op(kind, **config).forward(make_context(), np, np.asarray(pred, float), np.asarray(target)))
+    op = loss_op(kind, **config)
+    return float(op.forward(make_context(), np, np.asarray(pred, float), np.asarray(target)))
 
 
 CASES = {

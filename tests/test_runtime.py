@@ -168,7 +168,7 @@ def test_two_models_over_one_graph_do_not_disturb_each_other(other_mode):
     b = g.compile(loss, optimizer=ge.optimizer("adam", lr=0.01), seed=2)
     getattr(b, other_mode)()
     b_before = snapshot(b)
-    for epoch in range(2):
+    for _epoch in range(2):
         order = a.data_rng.permutation(64)
         for start in range(0, 64, 16):
             rows = order[start:start + 16]

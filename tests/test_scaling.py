@@ -30,8 +30,13 @@ def exact_chain(blocks: int):
     return g, x, w, h, h.sum()
 
 
-def test_a_20k_node_chain_builds_compiles_runs_and_backpropagates():
-    g, x, w, h, loss = exact_chain(CHAIN_BLOCKS)
+@pytest.fixture(scope="module")
+def chain():
+    return exact_chain(CHAIN_BLOCKS)
+
+
+def test_a_20k_node_chain_builds_compiles_runs_and_backpropagates(chain):
+    g, x, w, h, loss = chain
     assert len(g.nodes) > 20000
     model = g.compile(loss, outputs=[h], optimizer=ge.optimizer("sgd", lr=0.5))
     X = np.arange(-8, 8, dtype=np.float32).reshape(4, 4)[:, :3] / 8  # multiples of 1/8
@@ -43,8 +48,8 @@ def test_a_20k_node_chain_builds_compiles_runs_and_backpropagates():
     np.testing.assert_array_equal(model.parameters()["w"], 1 - 0.5 * X.sum(axis=0))
 
 
-def test_a_long_chain_keeps_only_a_few_values_alive():
-    g, x, w, h, loss = exact_chain(CHAIN_BLOCKS)
+def test_a_long_chain_keeps_only_a_few_values_alive(chain):
+    g, x, w, h, loss = chain
     plan = build_plan(g, [h.name], fuse=False)
     assert [plan.slots[n] for n in plan.slots] == list(range(len(g.nodes) - 1))  # all but loss
     made = {s.out for s in plan.steps}

@@ -99,17 +99,20 @@ class Plan:
         return cached
 
 
-def check_acyclic(dag: nx.DiGraph) -> None:
-    # Builder calls only add edges from a node to a later one, and then there is no cycle:
-    # checking that takes one look per edge, a fifth of networkx's topological sort.
+def check_acyclic(dag: nx.DiGraph) -> bool:
+    """Refuse a cycle. True when every edge runs from a node to a later-added one, as builder
+    calls make them (they only take existing tensors): then there is no cycle, the order of
+    insertion is a topological order, and checking it takes one look per edge, a fifth of
+    networkx's sort. False when an edge added to the DAG by hand runs backwards (acyclic still)."""
     position = {name: i for i, name in enumerate(dag)}
     if all(position[a] < position[b] for a, after in dag.adjacency() for b in after):
-        return
+        return True
     if not nx.is_directed_acyclic_graph(dag):
         cycle = [str(u) for u, _ in nx.find_cycle(dag)]
         raise CompileError(f"the graph has a cycle ({' -> '.join([*cycle, cycle[0]])}); a static "
                            f"graph must be acyclic: remove the edge that feeds a node back into "
                            f"its own inputs (for a loop over time, use a recurrent layer)")
+    return False
 
 
 def check_loss(graph, loss: str) -> None:
@@ -133,13 +136,18 @@ def build_plan(graph, targets: Iterable[str], *, loss: str | None = None,
     survive the step besides the targets. With ``fuse``, ``plan.fast`` is the fused variant.
     """
     dag = graph.dag
-    check_acyclic(dag)
+    in_insertion_order = check_acyclic(dag)
     targets = tuple(dict.fromkeys(targets))
     for t in targets:
         if t not in graph.nodes:
             raise CompileError(f"graph {graph.name!r} has no node {t!r}")
     needed = _ancestors(dag, targets)
-    order = _insertion_order(graph, needed)
+    # The order nodes were added in, which plans have always followed: no sort needed.
+    order = [name for name in graph.nodes if name in needed]
+    if not in_insertion_order:  # the topological order nearest to it (n log n)
+        position = {name: i for i, name in enumerate(order)}
+        order = list(nx.lexicographical_topological_sort(dag.subgraph(needed),
+                                                         key=position.__getitem__))
     slots = {name: i for i, name in enumerate(order)}
     nodes = graph.nodes
 
@@ -148,13 +156,15 @@ def build_plan(graph, targets: Iterable[str], *, loss: str | None = None,
 
     steps = [make_step(n, nodes[n].op, nodes[n].inputs) for n in order if not graph.is_source(n)]
 
+    # The same for the plan and its fused variant: computed once.
+    specs = [nodes[n].spec for n in order]
+    feeds = tuple(n for n in order if isinstance(nodes[n].op, Input))
+    parameters = tuple(n for n in order if isinstance(nodes[n].op, Parameter))
+    constants = tuple(n for n in order if isinstance(nodes[n].op, Constant))
+
     def schedule(steps: list[Step]) -> Plan:
-        plan = Plan(
-            targets=targets, slots=slots, specs=[nodes[n].spec for n in order],
-            feeds=tuple(n for n in order if isinstance(nodes[n].op, Input)),
-            parameters=tuple(n for n in order if isinstance(nodes[n].op, Parameter)),
-            constants=tuple(n for n in order if isinstance(nodes[n].op, Constant)),
-            steps=steps, loss=loss)
+        plan = Plan(targets=targets, slots=slots, specs=list(specs), feeds=feeds,
+                    parameters=parameters, constants=constants, steps=steps, loss=loss)
         if loss is not None:
             _plan_backward(graph, plan, loss, set(wrt), set(frozen))
         _plan_releases(plan, {slots[n] for n in (*targets, *keep) if n in slots})
@@ -179,20 +189,6 @@ def _ancestors(dag: nx.DiGraph, targets: Iterable[str]) -> set[str]:
                 found.add(name)
                 stack.append(name)
     return found
-
-
-def _insertion_order(graph, needed: set[str]) -> list[str]:
-    """The ``needed`` nodes in the order they were added to the graph. That is a topological
-    order, since a builder call only takes existing tensors as inputs; checking it costs one look
-    at each edge, where a sort costs n log n. Only an edge added to the DAG by hand can break it:
-    then the topological order nearest to it (the lexicographical one by insertion)."""
-    order = [name for name in graph.nodes if name in needed]
-    position = {name: i for i, name in enumerate(order)}
-    pred = graph.dag.pred
-    if all(position[p] < i for i, name in enumerate(order) for p in pred[name]):
-        return order
-    return list(nx.lexicographical_topological_sort(graph.dag.subgraph(needed),
-                                                    key=position.__getitem__))
 
 
 def _plan_backward(graph, plan: Plan, loss: str, wrt: set[str], frozen: set[str]) -> None:
