@@ -127,11 +127,10 @@ def measure_once(shape: str, size: int, steps: int) -> tuple[int, dict, dict]:
     return len(g.nodes), seconds, gc_seconds
 
 
-def measure(shape: str, size: int, steps: int, repeats: int = 1) -> dict:
-    """Each phase's median over ``repeats`` fresh graphs."""
-    runs = [measure_once(shape, size, steps) for _ in range(repeats)]
+def summarize(runs: list[tuple[int, dict, dict]]) -> dict:
+    """Each phase's median over ``runs`` (fresh graphs of one shape and size)."""
     n = runs[0][0]
-    row: dict = {"nodes": n, "repeats": repeats}
+    row: dict = {"nodes": n, "runs": len(runs)}
     for key, index in (("seconds", 1), ("gc_seconds", 2)):
         row[key] = {p: statistics.median(r[index][p] for r in runs) for p in PHASES}
     row["us_per_node"] = {p: 1e6 * s / n for p, s in row["seconds"].items()}
@@ -173,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: chain,dense")
     parser.add_argument("--min-nodes", type=int, default=SIZES[0])
     parser.add_argument("--max-nodes", type=int, default=SIZES[-1])
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps per size")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every size, interleaved")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps per run")
     parser.add_argument("--repeat-nodes", type=int, default=8000,
-                        help="smaller sizes take the median over this many nodes' worth of graphs")
+                        help="smaller graphs are run several times per round, up to this many nodes")
     parser.add_argument("--cpu", action="store_true", help="time this process's CPU time, not "
                         "wall time: steadier where other processes share the cores")
     parser.add_argument("--json", action="store_true", help="also write benchmarks/results/scaling-*.json")
@@ -194,15 +194,18 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     for shape in shapes:  # untimed: imports, plugin loading, first-call caches
-        measure(shape, 200, 1)
-    results: dict[str, list[dict]] = {}
-    for shape in shapes:
-        for size in sizes:
-            print(f"{shape} {size} ...", flush=True)
-            # Small graphs are timed on several copies: one run of them is mostly noise.
-            repeats = max(1, round(args.repeat_nodes / size))
-            results.setdefault(shape, []).append(measure(shape, size, args.steps, repeats))
-            gc.collect()
+        measure_once(shape, 200, 1)
+    # Rounds over all sizes, so that the machine's drift (other processes, clock speed) spreads
+    # over every size alike; graphs under --repeat-nodes nodes are timed on several copies per
+    # round, since one run of a small graph is mostly noise.
+    runs: dict[tuple[str, int], list] = {(shape, size): [] for shape in shapes for size in sizes}
+    for r in range(args.rounds):
+        print(f"round {r + 1} of {args.rounds} ...", flush=True)
+        for shape in shapes:
+            for size in sizes:
+                for _ in range(max(1, round(args.repeat_nodes / size))):
+                    runs[shape, size].append(measure_once(shape, size, args.steps))
+    results = {shape: [summarize(runs[shape, size]) for size in sizes] for shape in shapes}
     print()
     print(table(results))
     if args.json:
@@ -211,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         path = args.out / f"scaling-{stamp:%Y%m%d-%H%M%S}.json"
         report = {"date": stamp.isoformat(timespec="seconds"), "python": platform.python_version(),
                   "numpy": np.__version__, "batch": BATCH, "steps": args.steps,
+                  "rounds": args.rounds, "clock": "cpu" if args.cpu else "wall",
                   "results": results, "growth": growth(results)}
         path.write_text(json.dumps(report, indent=1))
         print(f"\nwritten to {path}")
