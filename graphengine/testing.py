@@ -33,7 +33,8 @@ def check_backward(op: Operator | Callable[[], Operator], inputs: Sequence[np.nd
     each call in a run does; ``training`` is the mode it reports. Inputs are cast to float64
     (integer inputs stay as they are and are not checked). For a random direction ``d`` per
     input and a random output weight ``w``, it compares
-    ``sum(w * (f(x + eps d) - f(x - eps d))) / 2 eps`` with ``sum(backward(w) * d)``. Raises :class:`GradientCheckError` with both numbers on mismatch.
+    ``sum(w * (f(x + eps d) - f(x - eps d))) / 2 eps`` with ``sum(backward(w) * d)``. Raises
+    :class:`GradientCheckError` with both numbers on mismatch.
     """
     be = get_backend(backend)
     xp = be.xp
