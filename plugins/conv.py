@@ -201,6 +201,7 @@ class Conv2D(ge.Operator):
             cols, (*cols.shape[:3], *w.shape[2:], channels),
             (*cols.strides[:3], w.shape[3] * channels * step, channels * step, step))
         columns[...] = self.window.patches(xp, padded)
+        del padded  # not kept: the step's peak memory holds the columns and the output only
         kernel = xp.empty((width, filters), dtype=w.dtype)
         kernel[:depth] = w.transpose(2, 3, 1, 0).reshape(depth, filters)
         if b is not None:
@@ -208,7 +209,7 @@ class Conv2D(ge.Operator):
             kernel[depth] = b
         ctx.cols = cols.reshape(-1, width)
         ctx.kernel, ctx.kernel_shape, ctx.has_bias = kernel, w.shape, b is not None
-        ctx.padded_shape = padded.shape[0], *self.window.padded_size, channels
+        ctx.padded_shape = n, *self.window.padded_size, channels
         out = ctx.cols @ kernel
         return _channels_first(out.reshape(n, *self.window.out_size, filters))
 

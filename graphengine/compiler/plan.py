@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 
 import networkx as nx
 
@@ -88,15 +89,22 @@ class Plan:
     def programs(self) -> tuple[list[tuple], list[tuple]]:
         """The steps with their operators' methods bound once, for the step loops: forward
         ``(index, forward, out, args, release)``, backward ``(backward, index, out, kept_args,
-        kept_out, grad_to, wanted, release)``. Cached outside the dataclass fields, so a
-        ``replace``d copy of the plan (with other operators) builds its own."""
+        kept_out, grad_to, wanted, release, last)``, where ``last`` says that no later backward
+        step reads the context of forward step ``index``, which can then be dropped. Cached
+        outside the dataclass fields, so a ``replace``d copy of the plan (with other operators)
+        builds its own."""
         cached = self.__dict__.get("_programs")
         if cached is None:
             cached = self.__dict__["_programs"] = (
                 [(k, s.op.forward, s.out, s.args, s.release) for k, s in enumerate(self.steps)],
                 [(b.step.op.backward, b.index, b.step.out, b.kept_args, b.kept_out, b.grad_to,
-                  b.wanted, b.release) for b in self.backward])
+                  b.wanted, b.release, b.index != after.index)
+                 for b, after in zip(self.backward, [*self.backward[1:], _END])])
         return cached
+
+
+#: Stands after the last backward step: its index matches no forward step.
+_END = SimpleNamespace(index=-1)
 
 
 def check_acyclic(dag: nx.DiGraph) -> bool:
@@ -231,7 +239,11 @@ def _gradient_flow(graph, plan: Plan, loss: str, sources: set[str]) -> set[str]:
                               if k not in node.op.nondifferentiable_inputs]
             if any(i in flows for i in differentiable):
                 flows.add(name)
-    upstream = _ancestors(graph.dag, (loss,))
+    # The loss and what it reads, in one sweep back over the plan (a topological order).
+    upstream = {loss}
+    for name in reversed(plan.slots):
+        if name in upstream:
+            upstream.update(nodes[name].inputs)
     return flows & upstream
 
 

@@ -165,8 +165,8 @@ class Executor:
         get = values.__getitem__
         try:
             with xp.errstate(over="ignore"):  # see OVERFLOW in the module docstring
-                for bstep, (backward, index, out, kept_args, kept_out, grad_to, wanted, release) in zip(
-                        plan.backward, plan.programs()[1]):
+                for bstep, (backward, index, out, kept_args, kept_out, grad_to, wanted, release,
+                            last) in zip(plan.backward, plan.programs()[1]):
                     grad = grads[out]
                     if grad is None:
                         continue
@@ -191,6 +191,8 @@ class Executor:
                         grads[out] = None
                     for slot in release:
                         values[slot] = None
+                    if last:  # what the operator kept for this backward goes now, not at the end
+                        contexts[index] = None
         except Exception as exc:
             if bstep is None:
                 raise
