@@ -16,9 +16,9 @@ from pathlib import Path
 
 import graphengine as ge
 from graphengine.tools.monitor import GradientMonitor
-from viz.demo import deep_mlp, digits
-from viz.gradflow import diagnose
-from viz.render import GraphvizMissingError, render
+from graphengine.viz.demo import deep_mlp, digits
+from graphengine.viz.gradflow import diagnose
+from graphengine.viz.render import GraphvizMissingError, render
 
 IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
 

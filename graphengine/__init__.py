@@ -26,7 +26,7 @@ from .ir.contracts import Activation, Initializer, Layer, Loss, Optimizer
 from .ir.graph import Graph, Tensor
 from .ir.operators import Operator, TensorSpec
 from .model import Model
-from .plugins import get_plugin_manager, hookimpl
+from .hooks import get_plugin_manager, hookimpl
 from .runtime.backend import Backend, get_backend
 from .runtime.executor import Observer
 from .tools.debug import debug

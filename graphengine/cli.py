@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Sequence
 
 from .errors import PluginError
-from .plugins import Entry, PluginWarning, get_plugin_manager
+from .hooks import Entry, PluginWarning, get_plugin_manager
 
 
 def build_parser() -> argparse.ArgumentParser:

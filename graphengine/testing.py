@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .ir.operators import Operator
-from .plugins import PluginManager, get_plugin_manager, set_plugin_manager
+from .hooks import PluginManager, get_plugin_manager, set_plugin_manager
 from .runtime.backend import Backend, get_backend
 from .runtime.tape import Context
 

@@ -13,7 +13,7 @@ from typing import Any
 import graphengine as ge
 from graphengine.errors import ShapeError
 from graphengine.ir.operators import TensorSpec
-from plugins.activations import log_softmax, sigmoid
+from graphengine.plugins.activations import log_softmax, sigmoid
 
 
 class MSE(ge.Loss):

@@ -10,7 +10,7 @@ from graphengine.errors import GraphBuildError, ShapeError
 from graphengine.ir.contracts import ActivationOp
 from graphengine.ir.operators import TensorSpec
 from graphengine.testing import check_backward, make_context
-from plugins.activations import MaxoutOp, PReLUOp
+from graphengine.plugins.activations import MaxoutOp, PReLUOp
 
 ACTIVATIONS = [
     ("leaky_relu", {"slope": 0.1}),

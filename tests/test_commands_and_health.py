@@ -10,7 +10,7 @@ import pytest
 
 import graphengine as ge
 from graphengine.cli import main
-from graphengine.plugins import PluginWarning
+from graphengine.hooks import PluginWarning
 from graphengine.testing import isolated_plugin_manager
 from graphengine.tools.monitor import FIELDS, GradientMonitor
 

@@ -9,7 +9,7 @@ import pytest
 import graphengine as ge
 from graphengine.ir.operators import TensorSpec
 from graphengine.testing import check_backward, isolated_plugin_manager, make_context
-from plugins.conv import AvgPool2D, Conv2D, EmbeddingLookup, MaxPool2D, OneHot
+from graphengine.plugins.conv import AvgPool2D, Conv2D, EmbeddingLookup, MaxPool2D, OneHot
 
 rng = np.random.default_rng(7)
 

@@ -8,7 +8,7 @@ import pytest
 import graphengine as ge
 from graphengine.ir.operators import TensorSpec
 from graphengine.testing import check_backward, make_context
-from plugins.regularization import BatchNormOp, DropoutOp
+from graphengine.plugins.regularization import BatchNormOp, DropoutOp
 
 rng = np.random.default_rng(7)
 

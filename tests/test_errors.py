@@ -25,7 +25,7 @@ from payload import Payload
 
 import graphengine as ge
 from graphengine.io import serialize
-from graphengine.plugins import PluginWarning
+from graphengine.hooks import PluginWarning
 from graphengine.testing import isolated_plugin_manager
 
 # NaN and Inf are these tests' subject: NumPy's warnings about them are expected.
@@ -470,7 +470,7 @@ CASES = [
          "must be a positive int"),
     Case(dataset_lengths_differ, ge.DataError, "the dataset's arrays differ in length: "
          "{'x': 5, 'y': 4}", "one row per example"),
-    Case(strict_array_to_numpy_model, ge.BackendError, "feed 'x' is a plugins.backends.StrictArray, "
+    Case(strict_array_to_numpy_model, ge.BackendError, "feed 'x' is a graphengine.plugins.backends.StrictArray, "
          "but the model runs on backend 'numpy'", "convert it explicitly"),
     Case(cupy_array_to_numpy_model, ge.BackendError, "feed 'x' is a cupy.DeviceArray, but the model "
          "runs on backend 'numpy'", "convert it explicitly"),

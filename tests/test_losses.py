@@ -82,7 +82,7 @@ def test_binary_hinge_labels_01_and_pm1_agree():
 
 def test_nll_on_log_softmax_equals_softmax_cross_entropy():
     logp = loss_op("nll")  # nll needs log-probabilities
-    from plugins.activations import log_softmax
+    from graphengine.plugins.activations import log_softmax
     ce = loss_value("softmax_cross_entropy", SCORES, LABELS)
     assert float(logp.forward(make_context(), np, log_softmax(np, SCORES), LABELS)) == pytest.approx(ce)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import graphengine as ge
-from graphengine.plugins import PluginManager, PluginWarning
+from graphengine.hooks import PluginManager, PluginWarning
 from graphengine.testing import check_backward, isolated_plugin_manager
 
 

@@ -9,7 +9,7 @@ import pytest
 import graphengine as ge
 from graphengine.ir.operators import TensorSpec
 from graphengine.testing import check_backward, make_context
-from plugins.recurrent import GRU, LSTM, Orthogonal, SimpleRNN
+from graphengine.plugins.recurrent import GRU, LSTM, Orthogonal, SimpleRNN
 
 rng = np.random.default_rng(11)
 UNITS = 3

@@ -8,8 +8,8 @@ from matplotlib.figure import Figure
 
 import graphengine as ge
 from graphengine.tools.monitor import GradientMonitor, find_monitor
-from viz.charts import gradient_flow_chart, parameter_order, per_epoch, pick_epochs
-from viz.demo import deep_mlp
+from graphengine.viz.charts import gradient_flow_chart, parameter_order, per_epoch, pick_epochs
+from graphengine.viz.demo import deep_mlp
 
 
 def trained(activation: str, init: str, epochs: int = 3) -> ge.Model:

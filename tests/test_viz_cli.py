@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from graphengine.cli import main
-from viz.demo import DemoConfig, deep_mlp, vanishing_demo
+from graphengine.viz.demo import DemoConfig, deep_mlp, vanishing_demo
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz 'dot' is not installed")
 

@@ -7,8 +7,8 @@ import pytest
 
 import graphengine as ge
 from graphengine.tools.monitor import GradientMonitor, find_monitor
-from viz.demo import deep_mlp
-from viz.gradflow import diagnose, diagnose_history, ranges
+from graphengine.viz.demo import deep_mlp
+from graphengine.viz.gradflow import diagnose, diagnose_history, ranges
 
 
 def batch(n: int = 32, seed: int = 0) -> dict[str, np.ndarray]:

@@ -1,7 +1,7 @@
 """The gradient-flow visualizer: diagrams, charts and a diagnosis of a model's gradients.
 
     from graphengine.tools.monitor import GradientMonitor
-    import viz
+    from graphengine import viz
 
     GradientMonitor(every=20).attach(model)   # record while training
     model.fit(data, epochs=10)

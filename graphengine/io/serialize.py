@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import GraphEngineError, SerializationError
 from ..ir.graph import Graph, in_scope
-from ..plugins import get_plugin_manager
+from ..hooks import get_plugin_manager
 from ..train import regularization
 from ..train.update import optimizer as make_optimizer
 

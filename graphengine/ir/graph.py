@@ -30,7 +30,7 @@ from ..ir.operators import (
     TensorSpec,
     encode_index,
 )
-from ..plugins import get_plugin_manager
+from ..hooks import get_plugin_manager
 
 if TYPE_CHECKING:
     from ..ir.contracts import Optimizer

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import BackendError
-from ..plugins import get_plugin_manager
+from ..hooks import get_plugin_manager
 
 
 class Backend:

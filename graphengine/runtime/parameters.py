@@ -12,7 +12,7 @@ from ..errors import CompileError, GraphEngineError
 from ..ir.contracts import fans
 from ..ir.graph import in_scope, split_init
 from ..ir.operators import Parameter
-from ..plugins import get_plugin_manager
+from ..hooks import get_plugin_manager
 
 if TYPE_CHECKING:
     from ..ir.graph import Graph

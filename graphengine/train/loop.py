@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import DataError, GraphEngineError, NumericalError, require_int
 from ..ir.contracts import LossOp
-from ..plugins import get_plugin_manager
+from ..hooks import get_plugin_manager
 
 if TYPE_CHECKING:
     from ..model import Model

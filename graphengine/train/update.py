@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import GraphEngineError, ShapeError
 from ..ir.contracts import Optimizer
-from ..plugins import get_plugin_manager
+from ..hooks import get_plugin_manager
 
 if TYPE_CHECKING:
     from ..model import Model
