@@ -1,7 +1,8 @@
 """How building, compiling, planning and running a graph scale with its number of nodes.
 
-    python benchmarks/scaling.py                       # 1k .. 32k nodes, two shapes: ~1 minute
-    python benchmarks/scaling.py --max-nodes 8000 --shapes chain
+    python benchmarks/scaling.py                  # 1k .. 32k nodes, two shapes: ~1.5 minutes
+    python benchmarks/scaling.py --max-nodes 8000 --shapes chain --rounds 1
+    python benchmarks/scaling.py --cpu --json     # CPU time (steadier on a busy machine), JSON
 
 Every phase should cost the same per node at any size: the last table gives, for each phase,
 the cost per node at the largest size over the cost per node at the smallest (1.0 = linear; a
@@ -18,7 +19,8 @@ Shapes:
 Phases: ``build`` (the builder calls), ``compile`` (``g.compile``: training plan, parameters),
 ``first run`` (``model.run``, which plans inference first) and ``step`` (the median of
 ``--steps`` training steps after one untimed). Each starts after a full garbage collection.
-Sizes under ``--repeat-nodes`` are measured on several fresh graphs (the median of each phase).
+Every size runs once per round (``--rounds``, interleaved, so that the machine's drift touches
+all sizes alike), sizes under ``--repeat-nodes`` several times; the tables give medians.
 
 The garbage collector's time within each phase is measured too (``gc%``), and the ratios are
 given with and without it. CPython runs a full collection once the objects that survived
@@ -58,7 +60,7 @@ def build_chain(nodes: int):
     w = g.parameter("w", (4,), init="ones")
     c, d = g.constant(1.0), g.constant(0.001)
     h = x * w
-    for k in range(nodes - 6):  # 5 nodes so far, 1 for the loss
+    for k in range(nodes - 7):  # 5 nodes so far, 2 for the loss
         h = h * c if k % 2 else h + d
     loss = (h * h).mean()
     return g, loss, [h], {"x": np.random.default_rng(0).standard_normal((BATCH, 4)).astype("float32")}
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: chain,dense")
     parser.add_argument("--min-nodes", type=int, default=SIZES[0])
     parser.add_argument("--max-nodes", type=int, default=SIZES[-1])
-    parser.add_argument("--rounds", type=int, default=3, help="runs of every size, interleaved")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of every size, interleaved")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per run")
     parser.add_argument("--repeat-nodes", type=int, default=8000,
                         help="smaller graphs are run several times per round, up to this many nodes")

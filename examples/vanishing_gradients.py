@@ -14,11 +14,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import graphengine as ge
-from graphengine.tools.monitor import GradientMonitor
 from graphengine.viz.demo import deep_mlp, digits
 from graphengine.viz.gradflow import diagnose
 from graphengine.viz.render import GraphvizMissingError, render
+
+import graphengine as ge
+from graphengine.tools.monitor import GradientMonitor
 
 IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
 

@@ -21,12 +21,12 @@ from .errors import (
     ShapeError,
     UnknownNameError,
 )
+from .hooks import get_plugin_manager, hookimpl
 from .io.serialize import LoadReport, load
 from .ir.contracts import Activation, Initializer, Layer, Loss, Optimizer
 from .ir.graph import Graph, Tensor
 from .ir.operators import Operator, TensorSpec
 from .model import Model
-from .hooks import get_plugin_manager, hookimpl
 from .runtime.backend import Backend, get_backend
 from .runtime.executor import Observer
 from .tools.debug import debug

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .ir.operators import Operator
 from .hooks import PluginManager, get_plugin_manager, set_plugin_manager
+from .ir.operators import Operator
 from .runtime.backend import Backend, get_backend
 from .runtime.tape import Context
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from graphengine.plugins.activations import log_softmax, sigmoid
+
 import graphengine as ge
 from graphengine.errors import ShapeError
 from graphengine.ir.operators import TensorSpec
-from graphengine.plugins.activations import log_softmax, sigmoid
 
 
 class MSE(ge.Loss):

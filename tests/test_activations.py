@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from graphengine.plugins.activations import MaxoutOp, PReLUOp
 
 import graphengine as ge
 from graphengine.errors import GraphBuildError, ShapeError
 from graphengine.ir.contracts import ActivationOp
 from graphengine.ir.operators import TensorSpec
 from graphengine.testing import check_backward, make_context
-from graphengine.plugins.activations import MaxoutOp, PReLUOp
 
 ACTIVATIONS = [
     ("leaky_relu", {"slope": 0.1}),

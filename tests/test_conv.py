@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from graphengine.plugins.conv import AvgPool2D, Conv2D, EmbeddingLookup, MaxPool2D, OneHot
 
 import graphengine as ge
 from graphengine.ir.operators import TensorSpec
 from graphengine.testing import check_backward, isolated_plugin_manager, make_context
-from graphengine.plugins.conv import AvgPool2D, Conv2D, EmbeddingLookup, MaxPool2D, OneHot
 
 rng = np.random.default_rng(7)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from graphengine.plugins.regularization import BatchNormOp, DropoutOp
 
 import graphengine as ge
 from graphengine.ir.operators import TensorSpec
 from graphengine.testing import check_backward, make_context
-from graphengine.plugins.regularization import BatchNormOp, DropoutOp
 
 rng = np.random.default_rng(7)
 

@@ -24,8 +24,8 @@ import pytest
 from payload import Payload
 
 import graphengine as ge
-from graphengine.io import serialize
 from graphengine.hooks import PluginWarning
+from graphengine.io import serialize
 from graphengine.testing import isolated_plugin_manager
 
 # NaN and Inf are these tests' subject: NumPy's warnings about them are expected.
@@ -470,8 +470,9 @@ CASES = [
          "must be a positive int"),
     Case(dataset_lengths_differ, ge.DataError, "the dataset's arrays differ in length: "
          "{'x': 5, 'y': 4}", "one row per example"),
-    Case(strict_array_to_numpy_model, ge.BackendError, "feed 'x' is a graphengine.plugins.backends.StrictArray, "
-         "but the model runs on backend 'numpy'", "convert it explicitly"),
+    Case(strict_array_to_numpy_model, ge.BackendError,
+         "feed 'x' is a graphengine.plugins.backends.StrictArray, but the model runs on backend "
+         "'numpy'", "convert it explicitly"),
     Case(cupy_array_to_numpy_model, ge.BackendError, "feed 'x' is a cupy.DeviceArray, but the model "
          "runs on backend 'numpy'", "convert it explicitly"),
     Case(backend_not_a_name, ge.BackendError, "backend must be a registered backend name or a Backend "

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from graphengine.plugins.recurrent import GRU, LSTM, Orthogonal, SimpleRNN
 
 import graphengine as ge
 from graphengine.ir.operators import TensorSpec
 from graphengine.testing import check_backward, make_context
-from graphengine.plugins.recurrent import GRU, LSTM, Orthogonal, SimpleRNN
 
 rng = np.random.default_rng(11)
 UNITS = 3

@@ -36,6 +36,7 @@ def chain():
 
 
 def test_a_20k_node_chain_builds_compiles_runs_and_backpropagates(chain):
+    # Under Python's default recursion limit: a recursion per node anywhere would fail here.
     g, x, w, h, loss = chain
     assert len(g.nodes) > 20000
     model = g.compile(loss, outputs=[h], optimizer=ge.optimizer("sgd", lr=0.5))
@@ -51,7 +52,7 @@ def test_a_20k_node_chain_builds_compiles_runs_and_backpropagates(chain):
 def test_a_long_chain_keeps_only_a_few_values_alive(chain):
     g, x, w, h, loss = chain
     plan = build_plan(g, [h.name], fuse=False)
-    assert [plan.slots[n] for n in plan.slots] == list(range(len(g.nodes) - 1))  # all but loss
+    assert len(plan.slots) == len(g.nodes) - 1  # all but the loss
     made = {s.out for s in plan.steps}
     live = {plan.slots[n] for n in (*plan.feeds, *plan.parameters, *plan.constants)}
     peak = 0

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from graphengine.viz.charts import gradient_flow_chart, parameter_order, per_epoch, pick_epochs
+from graphengine.viz.demo import deep_mlp
 from matplotlib.figure import Figure
 
 import graphengine as ge
 from graphengine.tools.monitor import GradientMonitor, find_monitor
-from graphengine.viz.charts import gradient_flow_chart, parameter_order, per_epoch, pick_epochs
-from graphengine.viz.demo import deep_mlp
 
 
 def trained(activation: str, init: str, epochs: int = 3) -> ge.Model:

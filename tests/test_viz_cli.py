@@ -8,9 +8,9 @@ import shutil
 
 import numpy as np
 import pytest
+from graphengine.viz.demo import DemoConfig, deep_mlp, vanishing_demo
 
 from graphengine.cli import main
-from graphengine.viz.demo import DemoConfig, deep_mlp, vanishing_demo
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz 'dot' is not installed")
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from graphengine.viz.demo import deep_mlp
+from graphengine.viz.gradflow import diagnose, diagnose_history, ranges
 
 import graphengine as ge
 from graphengine.tools.monitor import GradientMonitor, find_monitor
-from graphengine.viz.demo import deep_mlp
-from graphengine.viz.gradflow import diagnose, diagnose_history, ranges
 
 
 def batch(n: int = 32, seed: int = 0) -> dict[str, np.ndarray]:

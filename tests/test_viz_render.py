@@ -9,12 +9,12 @@ import shutil
 import matplotlib
 import numpy as np
 import pytest
-
-import graphengine as ge
-from graphengine.tools.monitor import GradientMonitor, find_monitor
 from graphengine.viz.demo import deep_mlp
 from graphengine.viz.gradflow import diagnose
 from graphengine.viz.render import GraphvizMissingError, render, to_dot
+
+import graphengine as ge
+from graphengine.tools.monitor import GradientMonitor, find_monitor
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz 'dot' is not installed")
 ATTR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^\s\]]+)')

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import GraphEngineError, SerializationError
-from ..ir.graph import Graph, in_scope
 from ..hooks import get_plugin_manager
+from ..ir.graph import Graph, in_scope
 from ..train import regularization
 from ..train.update import optimizer as make_optimizer
 

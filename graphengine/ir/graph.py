@@ -18,6 +18,7 @@ import networkx as nx
 import numpy as np
 
 from ..errors import GraphBuildError, GraphEngineError, ShapeError
+from ..hooks import get_plugin_manager
 from ..ir.contracts import ActivationOp, LossOp
 from ..ir.operators import (
     PRIMITIVES,
@@ -30,7 +31,6 @@ from ..ir.operators import (
     TensorSpec,
     encode_index,
 )
-from ..hooks import get_plugin_manager
 
 if TYPE_CHECKING:
     from ..ir.contracts import Optimizer

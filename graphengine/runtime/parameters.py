@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import CompileError, GraphEngineError
+from ..hooks import get_plugin_manager
 from ..ir.contracts import fans
 from ..ir.graph import in_scope, split_init
 from ..ir.operators import Parameter
-from ..hooks import get_plugin_manager
 
 if TYPE_CHECKING:
     from ..ir.graph import Graph

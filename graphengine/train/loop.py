@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import DataError, GraphEngineError, NumericalError, require_int
-from ..ir.contracts import LossOp
 from ..hooks import get_plugin_manager
+from ..ir.contracts import LossOp
 
 if TYPE_CHECKING:
     from ..model import Model

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import GraphEngineError, ShapeError
-from ..ir.contracts import Optimizer
 from ..hooks import get_plugin_manager
+from ..ir.contracts import Optimizer
 
 if TYPE_CHECKING:
     from ..model import Model
