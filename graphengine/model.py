@@ -250,6 +250,8 @@ class Model:
             return self.run(feeds)
         if training is not None:
             self.training = training
+        # The last step's tape and gradients go before this forward allocates its own.
+        self.tape, self._grads = None, {}
         self.tape = self.executor.forward(self.train_plan, feeds, training=self.training,
                                           rng=self.rng, observers=self.active_observers())
         return float(self.backend.to_numpy(self.tape.value(self.loss_name)))
