@@ -1,5 +1,6 @@
-"""The core's imports, read from its source: it never imports the visualizer or a plugin module,
-and (soon) its modules import each other without cycles.
+"""The core's structure, read from its source: it never imports the visualizer or a plugin module,
+its modules import each other without cycles, one executor runs every operator, and nothing but
+the model itself reaches into a model's private attributes.
 
 Every ``import`` statement counts, those inside functions included, except those under
 ``if TYPE_CHECKING:`` (they never run). Relative imports are resolved; ``from package import
@@ -143,3 +144,43 @@ def test_the_core_has_no_import_cycles():
             steps = [f"{a} (line {lines[a, b]})" for a, b in zip(cycle, cycle[1:] + cycle[:1])]
             described.append("    " + " -> ".join(steps + [cycle[0]]))
     pytest.fail("import cycles among graphengine's modules:\n" + "\n".join(described))
+
+
+#: Modules that may call an operator's forward or backward: the executor's loops; the adapters of
+#: plugin contracts and the fused step, which call the plugin they wrap; and check_backward.
+OPERATOR_CALLERS = {"graphengine.runtime.executor", "graphengine.ir.contracts",
+                    "graphengine.compiler.fusion", "graphengine.testing", "graphengine.tools.profile"}
+
+
+def _calls(tree: ast.AST, method: str):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr == method:
+            yield node
+
+
+def test_only_the_executor_runs_operators():
+    offending = []
+    for module, path in core_modules().items():
+        if module in OPERATOR_CALLERS:
+            continue
+        tree = ast.parse(path.read_text())
+        for method in ("forward", "backward"):
+            for call in _calls(tree, method):
+                receiver = ast.unparse(call.func.value)
+                # the model's and executor's own entry points are not operator calls
+                if receiver not in ("self", "model", "self.executor", "model.executor", "executor"):
+                    offending.append(f"{path.relative_to(ROOT)}:{call.lineno} {ast.unparse(call)[:60]}")
+    assert not offending, "operators run only through the executor:\n" + "\n".join(offending)
+
+
+def test_only_the_model_touches_a_models_private_attributes():
+    offending = []
+    for module, path in core_modules().items():
+        if module == "graphengine.model":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") \
+                    and not node.attr.startswith("__") and ast.unparse(node.value) == "model":
+                offending.append(f"{path.relative_to(ROOT)}:{node.lineno} model.{node.attr}")
+    assert not offending, "use the model's public parts:\n" + "\n".join(offending)

@@ -304,3 +304,19 @@ def test_batch_norm_gradients_are_those_of_the_forward_not_of_a_run_between():
     m2.forward({"x": a})
     m2.backward()
     np.testing.assert_array_equal(m1.gradients()["fc1/W"], m2.gradients()["fc1/W"])
+
+
+def test_debug_mode_checks_the_fused_program_that_normally_runs():
+    g = ge.Graph("fused_debug")
+    x = g.input("x", (None, 3))
+    y = g.input("y", (None,), dtype="int64")
+    h = g.activation("relu", g.layer("dense", x, units=4, name="fc"))
+    model = g.compile(g.loss("softmax_cross_entropy", g.layer("dense", h, units=2, name="out"), y),
+                      optimizer="sgd")
+    model.debug = True
+    model.forward(FEEDS)
+    assert model.tape.fused  # debug mode watches the program that runs, not another one
+    model.backward()
+    bad = dict(FEEDS, x=np.array([[np.nan, 0, 0], [0, 0, 0]], np.float32))
+    with pytest.raises(ge.NumericalError, match=r"fed to input 'x' \(read by node 'fc/matmul'"):
+        model.forward(bad)
