@@ -91,8 +91,7 @@ class Model:
         #: Observers of training steps (statistics, debug): see runtime.executor.Observer.
         self.observers: list[Observer] = []
         self.store = ParameterStore(graph, self.backend, seed, parameters)
-        self.executor = Executor(self, graph, self.backend, self.store.arrays,
-                                 self.store.constants, self.store.versions)
+        self.executor = Executor(self, graph, self.backend, self.store)
         self._plans: dict[Any, Plan] = {}
         self.flat: FlatParameters | None = None
         self.train_plan = self.plan("train") if self.loss_name else None

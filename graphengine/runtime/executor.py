@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ..compiler.plan import BackwardStep, Plan, Step
     from ..ir.graph import Graph
     from .backend import Backend
+    from .parameters import ParameterStore
 
 
 class Observer:
@@ -60,18 +61,15 @@ class Observer:
 
 
 class Executor:
-    """Runs plans of ``graph`` on ``backend`` over ``parameters`` (name -> array) and
-    ``constants``; ``versions`` are the parameters' change counters, read at each forward."""
+    """Runs plans of ``graph`` on ``backend`` over the parameters and constants of ``store``
+    (a ParameterStore, whose version counters tell a backward that its weights changed)."""
 
-    def __init__(self, owner: Any, graph: Graph, backend: Backend, parameters: dict[str, Any],
-                 constants: dict[str, Any], versions: dict[str, int]) -> None:
+    def __init__(self, owner: Any, graph: Graph, backend: Backend, store: ParameterStore) -> None:
         self.owner = owner
         self.graph = graph
         self.backend = backend
         self.xp = backend.xp
-        self.parameters = parameters
-        self.constants = constants
-        self.versions = versions
+        self.store = store
 
     # -- forward ---------------------------------------------------------------------------
 
@@ -84,13 +82,13 @@ class Executor:
         values: list[Any] = [None] * (len(plan.slots) + 1)
         load_feeds(self.graph, self.backend, plan, feeds, values)
         slots = plan.slots
-        parameters, constants = self.parameters, self.constants
+        store = self.store
+        parameters, constants = store.arrays, store.constants
         for name in plan.parameters:
             values[slots[name]] = parameters[name]
         for name in plan.constants:
             values[slots[name]] = constants[name]
-        versions = tuple(map(self.versions.__getitem__, plan.parameters)) if plan.backward else ()
-        tape = Tape(executed, values, training, rng, versions)
+        tape = Tape(executed, values, training, rng, store.generation)
         tape.fused = executed is not plan
         for observer in observers:
             observer.on_run_start(self.owner, tape)
@@ -144,8 +142,12 @@ class Executor:
                 "backward() already consumed the tape of the last forward(): a tape is "
                 "back-propagated once, and its values are released on the way; call forward() "
                 "again, then backward()")
-        if tape.versions:
-            self.check_versions(tape)
+        changed = self.store.changed_since(tape.generation, tape.plan.parameters)
+        if changed:
+            raise GraphEngineError(
+                f"parameter(s) {changed} changed between forward() and backward() (an optimizer "
+                f"step, set_parameters or a load): the gradients would mix two sets of weights; "
+                f"call forward() again, then backward()")
         if plan is None:
             plan = tape.plan
         elif tape.fused and plan.fast is not None:
@@ -177,8 +179,10 @@ class Executor:
                     for observer in observers:
                         observer.on_backward(self.owner, tape, bstep, grad, input_grads)
                     for slot, g in zip(grad_to, input_grads, strict=True):
-                        if slot < 0 or g is None:
+                        if slot < 0:
                             continue
+                        if g is None:  # dropped silently, the layer below would never train
+                            raise _missing_gradient(plan, bstep, grad_to, input_grads)
                         previous = grads[slot]
                         if previous is None:
                             grads[slot] = g
@@ -208,17 +212,6 @@ class Executor:
             observer.on_run_end(self.owner, tape)
         return grads
 
-    def check_versions(self, tape: Tape) -> None:
-        """Refuse a backward whose forward read parameters that have changed since."""
-        names = tape.plan.parameters
-        now = tuple(map(self.versions.__getitem__, names))
-        if now != tape.versions:
-            changed = [n for n, a, b in zip(names, tape.versions, now) if a != b]
-            raise GraphEngineError(
-                f"parameter(s) {changed} changed between forward() and backward() (an optimizer "
-                f"step, set_parameters or a load): the gradients would mix two sets of weights; "
-                f"call forward() again, then backward()")
-
     # -- errors ----------------------------------------------------------------------------
 
     def step_error(self, exc: Exception, step: Step, phase: str, shapes: str) -> Exception | None:
@@ -239,6 +232,19 @@ class Executor:
                 f"model.debug = True to check every operator's outputs and gradients")
         error.node = step.name
         return error
+
+
+def _missing_gradient(plan: Plan, bstep: BackwardStep, grad_to: Sequence[int],
+                      input_grads: Sequence[Any]) -> OperatorError:
+    """The error for a backward that returned None where the plan needs a gradient (the
+    executor names the node when it re-raises it)."""
+    position = next(k for k, (slot, g) in enumerate(zip(grad_to, input_grads))
+                    if slot >= 0 and g is None)
+    source = plan.names[bstep.step.args[position]]
+    return OperatorError(
+        f"{implementation(bstep.step.op)}.backward returned None for the gradient of its input "
+        f"#{position} ({source!r}), which the plan needs: return an array (zeros where no "
+        f"gradient flows); only an input for which ctx.grad_wanted(i) is False may get None")
 
 
 def implementation(op: Any) -> str:

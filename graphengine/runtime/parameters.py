@@ -35,9 +35,10 @@ def initial_value(node_name: str, op: Parameter, seed: int) -> np.ndarray:
 
 class ParameterStore:
     """Parameter name -> array (``arrays``), the graph's constants on the backend, the frozen
-    set, and ``versions``: a counter per parameter that every change through the model's API
-    (an optimizer step, ``set_parameters``, a load) increments, so that a backward can tell
-    that the weights its forward read have changed (PyTorch's version counters)."""
+    set, and version counters (PyTorch's idea): every change through the model's API (an
+    optimizer step, ``set_parameters``, a load) moves ``generation`` on and stamps the changed
+    parameters with it (``changed_at``), so that a backward can tell that weights its forward
+    read have changed since, at the cost of one integer comparison per step."""
 
     def __init__(self, graph: Graph, backend: Backend, seed: int,
                  shared: Mapping[str, Any] | None = None) -> None:
@@ -60,15 +61,21 @@ class ParameterStore:
         self.shared = frozenset(shared)
         self.constants = {name: backend.asarray(node.op.value)
                           for name, node in graph.nodes.items() if node.kind == "constant"}
-        self.versions: dict[str, int] = dict.fromkeys(self.arrays, 0)
+        self.generation = 0
+        self.changed_at: dict[str, int] = dict.fromkeys(self.arrays, 0)
         self.frozen: frozenset[str] = frozenset()
         self._trainable: tuple[frozenset[str] | None, tuple[str, ...]] = (None, ())
 
     def touch(self, names: Sequence[str]) -> None:
         """Count a change of the parameters ``names``."""
-        versions = self.versions
-        for name in names:
-            versions[name] += 1
+        self.generation += 1
+        self.changed_at.update(dict.fromkeys(names, self.generation))
+
+    def changed_since(self, generation: int, names: Sequence[str]) -> list[str]:
+        """Those of ``names`` changed after ``generation``."""
+        if generation == self.generation:
+            return []
+        return [n for n in names if self.changed_at[n] > generation]
 
     def set(self, values: Mapping[str, Any]) -> None:
         """Copy host arrays into parameters by name, in place (cast to each parameter's dtype);

@@ -48,7 +48,7 @@ class Tape:
     or the caller still needs), one :class:`Context` per step, and the run's decisions."""
 
     def __init__(self, plan: Plan, values: list[Any], training: bool, rng: Any,
-                 versions: tuple[int, ...] = ()) -> None:
+                 generation: int = 0) -> None:
         self.plan = plan
         #: Slot -> array; one spare slot at the end stays None (plan slot -1 reads it).
         self.values = values
@@ -56,8 +56,8 @@ class Tape:
         self.rng = rng
         #: One context per forward step, filled as the steps run.
         self.contexts: list[Context | None] = [None] * len(plan.steps)
-        #: The parameters' version counters when the forward ran (see ParameterStore.versions).
-        self.versions = versions
+        #: The parameters' generation when the forward ran (see ParameterStore).
+        self.generation = generation
         #: Gradients by slot, once a backward has consumed this tape.
         self.grads: list[Any] | None = None
         #: The plan whose backward ran (it may ask for more input gradients than ``plan``).
