@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import numbers
 from collections.abc import Iterable
 from typing import Any
@@ -67,6 +68,12 @@ class SerializationError(GraphEngineError, ValueError):
     """A model file is corrupted, truncated, unsafe or from an unknown format version."""
 
 
+class HyperparameterError(GraphEngineError, TypeError):
+    """A plugin's constructor rejected a setting (NaN, infinite, out of range, not a number).
+    A TypeError, as Python's own for bad call arguments, so that ``ge.optimizer(...)`` reports
+    it with the plugin that rejected it."""
+
+
 def require_int(value: Any, what: str, minimum: int = 1,
                 error: type[GraphEngineError] = GraphBuildError) -> int:
     """``value`` as an int of at least ``minimum``: any integral number, NumPy's included, but
@@ -75,6 +82,40 @@ def require_int(value: Any, what: str, minimum: int = 1,
         bound = "a positive int" if minimum == 1 else f"an int >= {minimum}"
         raise error(f"{what} must be {bound}, got {value!r}")
     return int(value)
+
+
+def require_number(value: Any, what: str, minimum: float | None = None,
+                   maximum: float | None = None, *, exclusive_minimum: bool = False,
+                   exclusive_maximum: bool = False,
+                   error: type[GraphEngineError] = GraphBuildError) -> float:
+    """``value`` as a finite float within the bounds given (inclusive unless ``exclusive_*``):
+    any real number, NumPy's included, but not a bool, NaN or an infinity. Comparisons with NaN
+    are all False, so a bounds check alone lets ``lr=nan`` through; else ``error`` naming ``what``."""
+    number = math.nan
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (OverflowError, ValueError):  # an int beyond float's range is not a setting
+            pass
+    low_ok = minimum is None or (number > minimum if exclusive_minimum else number >= minimum)
+    high_ok = maximum is None or (number < maximum if exclusive_maximum else number <= maximum)
+    if not (math.isfinite(number) and low_ok and high_ok):
+        raise error(f"{what} must be {_number_bounds(minimum, maximum, exclusive_minimum, exclusive_maximum)}, "
+                    f"got {value!r}" + (", which is not finite" if isinstance(value, float) and
+                                        not math.isfinite(value) else ""))
+    return number
+
+
+def _number_bounds(minimum: float | None, maximum: float | None, exclusive_minimum: bool,
+                   exclusive_maximum: bool) -> str:
+    if minimum == 0 and maximum is None:
+        return "a positive number" if exclusive_minimum else "a non-negative number"
+    bounds = []
+    if minimum is not None:
+        bounds.append(f"{'>' if exclusive_minimum else '>='} {minimum}")
+    if maximum is not None:
+        bounds.append(f"{'<' if exclusive_maximum else '<='} {maximum}")
+    return f"a number {' and '.join(bounds)}" if bounds else "a finite number"
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:

@@ -79,6 +79,12 @@ class HookSpecs:
 
         The class is instantiated with the user's keyword arguments and its ``build(g, *inputs)``
         adds parameters and operators to the graph inside the layer's name scope.
+
+        A layer's own operators (``g.apply(op, *inputs)``) subclass :class:`graphengine.Operator`:
+        ``forward(self, ctx, xp, *inputs)`` and ``backward(self, ctx, xp, inputs, output, grad)``.
+        An operator is a description shared by every model and thread: whatever its forward keeps
+        for its backward goes on ``ctx``, the context of that one call, never on ``self``; the
+        run's mode and random generator are ``ctx.training`` and ``ctx.rng``.
         """
 
     @hookspec

@@ -12,15 +12,13 @@ import math
 from typing import Any
 
 import graphengine as ge
+from graphengine.errors import HyperparameterError, require_number
 
 
 def _check(value: float, what: str, low: float, high: float | None = None) -> float:
-    """``value`` as a float, required to lie in [low, high) (``high=None``: unbounded)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (
-            high is not None and value >= high):
-        bound = f"[{low}, {high})" if high is not None else f">= {low}"
-        raise TypeError(f"{what} must be a number {bound}, got {value!r}")
-    return float(value)
+    """``value`` as a finite float in [low, high) (``high=None``: unbounded)."""
+    return require_number(value, what, low, high, exclusive_maximum=True,
+                          error=HyperparameterError)
 
 
 def _step_by_root(xp: Any, param: Any, numerator: Any, square: Any, lr: float, eps: float,
