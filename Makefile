@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench graphviz clean
+.PHONY: test demo docs lint bench graphviz clean wheel-check
 
 $(STAMP): pyproject.toml examples/plugin_package/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,24 @@ graphviz:
 test: $(STAMP) graphviz
 	$(BIN)/ruff check graphengine plugins viz tests examples benchmarks
 	$(BIN)/python -m pytest
+	$(MAKE) --no-print-directory wheel-check
 
 demo: $(STAMP) graphviz
 	$(BIN)/graphengine demo vanishing --out demo_output
+
+# Regenerate the committed pictures of docs/images from fresh runs (the README quotes these runs).
+docs: $(STAMP) graphviz
+	$(BIN)/graphengine demo vanishing --out demo_output --images docs/images
+	$(BIN)/python examples/vanishing_gradients.py
+	$(BIN)/python examples/autoencoder_digits.py
+	$(BIN)/python examples/cnn_input_gradients.py
+	$(BIN)/python examples/long_memory.py
+	$(BIN)/python examples/optimizer_trajectories.py
+
+# The wheel, installed in a fresh virtual environment, works from a project that has its own
+# plugins/ and viz/ packages (the editable install of $(VENV) cannot show what a wheel installs).
+wheel-check: $(STAMP)
+	$(BIN)/python tests/packaging/wheel_check.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check graphengine plugins viz tests examples benchmarks

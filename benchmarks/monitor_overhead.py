@@ -33,7 +33,7 @@ BUILDERS: dict[str, tuple[str, Callable]] = {
     "deep_sigmoid": ("deep sigmoid MLP, 20 hidden x 64, momentum, batch 64",
                      lambda: graphengine_mlp(DEEP, 64)),
     "mlp": ("MLP 784-512-512-10, ReLU, Adam, batch 128", lambda: graphengine_mlp(MLP, 128)),
-    "cnn": ("CNN conv16-pool-conv32-pool-dense10, Adam, batch 64", lambda: graphengine_cnn(64)),
+    "cnn": ("CNN conv16-pool-conv32-pool-dense_10, Adam, batch 64", lambda: graphengine_cnn(64)),
 }
 
 

@@ -13,7 +13,7 @@ Shapes:
 * ``chain``: a long chain of elementwise ``* c`` and ``+ d`` on a (batch, 4) input scaled by a
   parameter, the loss the mean square of its end.
 * ``dense``: branches of ``dense(units=4) -> tanh`` layers from one input, their ends summed
-  into one MSE loss: many layers (names ``dense0``, ``dense1``, ...), parameters and fusible
+  into one MSE loss: many layers (names ``dense_0``, ``dense_1``, ...), parameters and fusible
   ``matmul -> add -> tanh`` chains.
 
 Phases: ``build`` (the builder calls), ``compile`` (``g.compile``: training plan, parameters),

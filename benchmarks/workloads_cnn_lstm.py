@@ -101,9 +101,9 @@ def torch_maker(module, features: tuple[int, ...], onednn: bool = True):
 
 
 WORKLOADS = [
-    Workload("cnn", "CNN conv16-pool-conv32-pool-dense10 on 28x28, Adam, batch 64", 64,
+    Workload("cnn", "CNN conv16-pool-conv32-pool-dense_10 on 28x28, Adam, batch 64", 64,
              graphengine_maker(graphengine_cnn), torch_maker(torch_cnn, IMAGE)),
-    Workload("lstm", "LSTM 32 steps, 32 -> 128, last step -> dense10, Adam, batch 32", 32,
+    Workload("lstm", "LSTM 32 steps, 32 -> 128, last step -> dense_10, Adam, batch 32", 32,
              graphengine_maker(graphengine_lstm), torch_maker(torch_lstm, (SEQUENCE, FEATURES))),
     Workload("lstm_unfused", "the LSTM workload, PyTorch without its fused oneDNN LSTM", 32,
              graphengine_maker(graphengine_lstm),

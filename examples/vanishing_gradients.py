@@ -5,7 +5,8 @@
 A deep sigmoid network (8 hidden layers) starves its early layers of gradient. The same sigmoid
 layers stacked as residual blocks, ``h = h + sigmoid(dense(h))``, pass the gradient back along the
 identity path: the diagram shows it arriving through each skip connection, and the diagnosis
-flags nothing. Writes the residual network's diagram (80+ nodes) to docs/images/ as SVG.
+flags nothing. Writes the residual network's diagram to docs/images/ as SVG, one node per layer
+(residual_sigmoid.svg) and in full (residual_sigmoid_full.svg, 80+ nodes).
 (``graphengine demo vanishing`` is the other fix, ReLU and He initialization, with charts.)
 """
 
@@ -65,8 +66,9 @@ def main(epochs: int = 10, blocks: int = 12, out: Path = IMAGES) -> dict[str, fl
           f"through the sigmoid branch {branch:.2e}")
     results.update(plain_loss=plain_loss, residual_loss=residual_loss, skip=skip, branch=branch)
     try:
-        path = render(residual, out / "residual_sigmoid.svg")
-        print(f"wrote {path} ({len(residual.graph.nodes)} nodes)")
+        full = render(residual, out / "residual_sigmoid_full.svg")
+        layers = render(residual, out / "residual_sigmoid.svg", collapse=True)
+        print(f"wrote {layers} (one node per layer) and {full} ({len(residual.graph.nodes)} nodes)")
     except GraphvizMissingError as exc:
         print(exc, file=sys.stderr)
     return results

@@ -24,7 +24,7 @@ from .errors import (
 from .hooks import get_plugin_manager, hookimpl
 from .io.serialize import LoadReport, load
 from .ir.contracts import Activation, Initializer, Layer, Loss, Optimizer
-from .ir.graph import Graph, Tensor
+from .ir.graph import Graph, GraphBuildWarning, Tensor
 from .ir.operators import Operator, TensorSpec
 from .model import Model
 from .runtime.backend import Backend, get_backend
@@ -76,7 +76,8 @@ __all__ = [
     "L1", "L1L2", "L2", "ClipNorm", "ClipValue", "ExponentialDecay", "InverseTimeDecay", "MaxNorm",
     "Schedule", "StepDecay",
     "Activation", "Backend", "BackendError", "Callback", "Checkpoint", "CompileError", "DataError",
-    "EarlyStopping", "FeedError", "Graph", "GraphBuildError", "GraphEngineError", "History",
+    "EarlyStopping", "FeedError", "Graph", "GraphBuildError", "GraphBuildWarning",
+    "GraphEngineError", "History",
     "Initializer", "Layer", "LoadReport", "Loss",
     "Model", "NumericalError", "Observer", "Operator", "OperatorError", "Optimizer", "Profile",
     "PluginConflictError", "PluginError",

@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -261,19 +262,35 @@ class PluginManager:
     # -- loading ---------------------------------------------------------------------------
 
     def load(self) -> None:
+        """Register the core and the installed plugins, once. A load cut short (an interrupt
+        during a plugin's import, or a fatal failure under GRAPHENGINE_STRICT_PLUGINS=1) leaves
+        the manager unloaded and empty, so that the next lookup loads again instead of finding
+        nothing registered."""
         with self._lock:
             if self._loaded:
                 return
             self._loaded = True
-            core = self.register(_Core(self), name=CORE_PLUGIN, distribution=CORE_PLUGIN,
-                                 version=_version(CORE_PLUGIN))
-            core.module = __name__
-            if self._load_entry_points:
-                self._from_entry_point = True
-                try:
-                    self._load_from_entry_points()
-                finally:
-                    self._from_entry_point = False
+            try:
+                core = self.register(_Core(self), name=CORE_PLUGIN, distribution=CORE_PLUGIN,
+                                     version=_version(CORE_PLUGIN))
+                core.module = __name__
+                if self._load_entry_points:
+                    self._from_entry_point = True
+                    try:
+                        self._load_from_entry_points()
+                    finally:
+                        self._from_entry_point = False
+            except BaseException:  # KeyboardInterrupt and SystemExit too: then re-raised
+                self._unload()
+                raise
+
+    def _unload(self) -> None:
+        for plugin in list(self.pm.get_plugins()):
+            self.pm.unregister(plugin)
+        for registry in self.registries.values():
+            registry._entries.clear()
+        self.records.clear()
+        self._loaded = False
 
     def _load_from_entry_points(self) -> None:
         disabled = {n.strip() for n in os.environ.get("GRAPHENGINE_DISABLE_PLUGINS", "").split(",")
@@ -308,17 +325,39 @@ class PluginManager:
                 self._fail(record, exc, "is not a valid plugin")
                 return record
             self.records[name] = record
-            for kind in KINDS:
-                hook = getattr(self.pm.hook, f"graphengine_register_{kind}")
-                impls = [i for i in hook.get_hookimpls() if i.plugin_name == name]
-                for impl in impls:
-                    registrar = (self._command_registrar(record) if kind == "commands"
-                                 else self._registrar(kind, record))
-                    try:
-                        impl.function(register=registrar)
-                    except Exception as exc:
-                        self._fail(record, exc, f"failed while registering {kind}")
+            # All or nothing: a plugin whose registration fails part-way keeps none of it.
+            before = {kind: dict(r._entries) for kind, r in self.registries.items()}
+            try:
+                failure = self._run_registration_hooks(record)
+            except BaseException:  # an interrupt: undone, then re-raised
+                self._undo_registration(plugin, record, before)
+                self.records.pop(name, None)
+                raise
+            if failure is not None:
+                self._undo_registration(plugin, record, before)
+                self._fail(record, *failure)
             return record
+
+    def _run_registration_hooks(self, record: PluginRecord) -> tuple[Exception, str] | None:
+        """Run the plugin's registration hooks; the first failure and what failed, or None."""
+        for kind in KINDS:
+            hook = getattr(self.pm.hook, f"graphengine_register_{kind}")
+            for impl in [i for i in hook.get_hookimpls() if i.plugin_name == record.name]:
+                registrar = (self._command_registrar(record) if kind == "commands"
+                             else self._registrar(kind, record))
+                try:
+                    impl.function(register=registrar)
+                except Exception as exc:
+                    return exc, f"failed while registering {kind}"
+        return None
+
+    def _undo_registration(self, plugin: Any, record: PluginRecord,
+                           before: dict[str, dict[str, Entry]]) -> None:
+        for kind, entries in before.items():
+            self.registries[kind]._entries = entries
+        record.registered = {}
+        if self.pm.is_registered(plugin):
+            self.pm.unregister(plugin)
 
     def _registrar(self, kind: str, record: PluginRecord) -> Register:
         registry = self.registries[kind]
@@ -378,8 +417,27 @@ class PluginManager:
     # -- reporting ------------------------------------------------------------------------
 
     def report(self) -> list[dict[str, Any]]:
+        """Every plugin, by name: its distribution and version, what it registered (kind ->
+        names), the ``aliases`` of those names (kind -> name -> aliases, where any), what it
+        registered that cannot run here (``unavailable``: name -> the reason its
+        ``unavailable_reason()`` gives, as for a backend whose library or hardware is missing),
+        its load ``error`` and whether it was ``disabled``."""
         self.load()
-        return [r.as_dict() for r in sorted(self.records.values(), key=lambda r: r.name)]
+        report = []
+        for record in sorted(self.records.values(), key=lambda r: r.name):
+            aliases: dict[str, dict[str, list[str]]] = {}
+            unavailable: dict[str, str] = {}
+            for kind, registry in self.registries.items():
+                for entry in registry.entries():
+                    if entry.plugin != record.name:
+                        continue
+                    if entry.aliases:
+                        aliases.setdefault(kind, {})[entry.name] = list(entry.aliases)
+                    reason = _unavailable_reason(entry)
+                    if reason:
+                        unavailable[entry.name] = reason
+            report.append(record.as_dict() | {"aliases": aliases, "unavailable": unavailable})
+        return report
 
 
 class _Core:
@@ -398,21 +456,49 @@ class _Core:
         parser.add_argument("--json", action="store_true", help="machine-readable output")
 
     def plugins_command(self, args: argparse.Namespace) -> int:
-        """List installed plugins, what each registered, and any load errors."""
+        """List installed plugins, what each registered, and any load errors.
+
+        The exit status is 1 when a plugin failed to load, so that scripts and CI notice."""
         report = self.manager.report()
+        failed = [plugin["name"] for plugin in report if plugin["error"]]
         if args.json:
             print(json.dumps(report, indent=2))
-            return 0
-        for plugin in report:
-            origin = plugin["distribution"] or "-"
-            version = f" {plugin['version']}" if plugin["version"] else ""
-            state = " [disabled]" if plugin["disabled"] else (" [ERROR]" if plugin["error"] else "")
-            print(f"{plugin['name']}  ({origin}{version}){state}")
-            for kind, names in sorted(plugin["registered"].items()):
-                print(f"    {kind}: {', '.join(names)}")
-            if plugin["error"]:
-                print(f"    error: {plugin['error']}")
-        return 0
+        else:
+            for plugin in report:
+                print(_describe(plugin))
+        if failed:
+            print(f"graphengine plugins: {len(failed)} plugin(s) failed to load: {', '.join(failed)}",
+                  file=sys.stderr)
+        return 1 if failed else 0
+
+
+def _describe(plugin: dict[str, Any]) -> str:
+    """One plugin of :meth:`PluginManager.report` as the lines ``graphengine plugins`` prints."""
+    origin = plugin["distribution"] or "-"
+    version = f" {plugin['version']}" if plugin["version"] else ""
+    state = " [disabled]" if plugin["disabled"] else (" [ERROR]" if plugin["error"] else "")
+    lines = [f"{plugin['name']}  ({origin}{version}){state}"]
+    for kind, names in sorted(plugin["registered"].items()):
+        aliases = plugin["aliases"].get(kind, {})
+        shown = [f"{name} (alias {', '.join(aliases[name])})" if name in aliases else name
+                 for name in names]
+        lines.append(f"    {kind}: {', '.join(shown)}")
+    lines += [f"    {name}: unavailable: {reason}" for name, reason in plugin["unavailable"].items()]
+    if plugin["error"]:
+        lines.append(f"    error: {plugin['error']}")
+    return "\n".join(lines)
+
+
+def _unavailable_reason(entry: Entry) -> str | None:
+    """Why a registered object that declares ``unavailable_reason()`` (a backend) cannot run
+    here; a check that itself fails is reported as the reason, since listing must not crash."""
+    check = getattr(entry.obj, "unavailable_reason", None)
+    if not callable(check):
+        return None
+    try:
+        return check()
+    except Exception as exc:
+        return f"unavailable_reason() failed: {type(exc).__name__}: {exc}"
 
 
 def _version(distribution: str) -> str | None:

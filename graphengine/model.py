@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
 from .compiler.plan import Plan, build_plan, check_acyclic, check_loss
-from .errors import CompileError, GraphEngineError
+from .errors import CompileError, GraphEngineError, checked_keywords
 from .io import serialize
 from .ir import graph as graph_module
 from .ir.contracts import LossOp, Optimizer
 from .ir.graph import Tensor
+from .ir.operators import Parameter
 from .runtime.backend import Backend, get_backend
 from .runtime.executor import Executor, Observer
 from .runtime.feeds import check_feed_names, feed_array
@@ -35,6 +37,7 @@ from .tools.debug import debug_active, debug_observer
 from .tools.profile import Profile, profile
 from .train import loop
 from .train.flat import FlatParameters
+from .train.metrics import get_metrics
 from .train.regularization import Schedule, install
 from .train.update import apply_update
 from .train.update import optimizer as make_optimizer
@@ -48,13 +51,20 @@ Feeds = Mapping[str, Any]
 class Model:
     """A compiled graph: ``forward``/``backward``/``step`` by hand, or ``fit``/``predict``."""
 
+    @checked_keywords
     def __init__(self, graph: Graph, *, loss: Tensor | None = None,
                  outputs: Sequence[Tensor] | Tensor | None = None,
                  optimizer: Optimizer | str | None = None, backend: str | Backend = "numpy",
                  seed: int = 0, parameters: Mapping[str, Any] | None = None,
+                 initial_values: Mapping[str, Any] | None = None,
                  regularizer: Any = None, constraint: Any = None, clip_norm: float | None = None,
-                 clip_value: float | None = None, schedule: Schedule | None = None) -> None:
+                 clip_value: float | None = None, schedule: Schedule | None = None,
+                 metrics: Any = None) -> None:
         self.graph = graph
+        #: The nodes the graph had when compiled: those added later are not in this model.
+        self.compiled_nodes = frozenset(graph.nodes)
+        #: What fit and evaluate report beside the loss (see graphengine.train.metrics).
+        self.metrics = get_metrics(metrics)
         self.backend = get_backend(backend)
         self.xp = self.backend.xp
         self.seed = seed
@@ -90,7 +100,7 @@ class Model:
         self.constraints: list[Callable[[Model], None]] = []
         #: Observers of training steps (statistics, debug): see runtime.executor.Observer.
         self.observers: list[Observer] = []
-        self.store = ParameterStore(graph, self.backend, seed, parameters)
+        self.store = ParameterStore(graph, self.backend, seed, parameters, initial_values)
         self.executor = Executor(self, graph, self.backend, self.store)
         self._plans: dict[Any, Plan] = {}
         self.flat: FlatParameters | None = None
@@ -114,6 +124,7 @@ class Model:
         #: The tape of the last forward(), which backward() consumes.
         self.tape: Tape | None = None
         self._grads: dict[str, Any] = {}
+        self._stepped = False  # whether step() used the gradients of the last backward()
 
     # -- parameters ------------------------------------------------------------------------
 
@@ -184,6 +195,13 @@ class Model:
             missing = [f for f in fetches if f not in self.graph.nodes]
             if missing:
                 raise GraphEngineError(f"model of graph {self.graph.name!r} has no node {missing}")
+            late = [f for f in fetches if f not in self.compiled_nodes]
+            if late:
+                raise GraphEngineError(
+                    f"nodes {late} were added to graph {self.graph.name!r} after it was compiled "
+                    f"into this model, which has neither them nor their parameters: compile "
+                    f"again (graph.compile(...), with parameters=model.parameters() to keep "
+                    f"the trained weights)")
             if purpose == "train":
                 plan = build_plan(self.graph, (self.loss_name, *fetches), loss=self.loss_name,
                                   wrt=wrt, frozen=self.store.frozen)
@@ -277,6 +295,7 @@ class Model:
         plan = tape.backward_plan
         self._grads = {name: grads[slot] for name, slot in plan.parameter_slots
                        if grads[slot] is not None}
+        self._stepped = False
 
     def step(self) -> None:
         """Update every trainable parameter from its gradient with the optimizer."""
@@ -285,7 +304,11 @@ class Model:
                                    "optimizer=ge.optimizer('sgd', lr=0.1) to compile()")
         if not self._grads:
             raise GraphEngineError("step() needs gradients: call forward() and backward() first")
+        if self._stepped:
+            raise GraphEngineError("step() already applied the gradients of the last backward(); "
+                                   "call forward() and backward() again before the next step()")
         apply_update(self, dict(self._grads), self.active_observers())
+        self._stepped = True
 
     def train_step(self, feeds: Feeds) -> float:
         """forward + backward + step; returns the loss."""
@@ -338,18 +361,17 @@ class Model:
         (``print(model.profile(feeds))``); see :func:`graphengine.tools.profile.profile`."""
         return profile(self, feeds, **options)
 
-    def fit(self, data: Feeds, **kwargs: Any) -> loop.History:
-        """Train; see :func:`graphengine.train.loop.fit` for the options."""
-        return loop.fit(self, data, **kwargs)
+    #: Train: ``model.fit(data, epochs=10, batch_size=32, validation=val, metrics=["mae"])``;
+    #: the function itself, so that ``help(model.fit)`` shows every option.
+    fit = loop.fit
 
     def fit_preprocessing(self, data: Feeds, refit: bool = False) -> list[str]:
         """Fit data-fitted layers (preprocessing) on ``data``; see
         :func:`graphengine.train.loop.fit_preprocessing`."""
         return loop.fit_preprocessing(self, data, refit=refit)
 
-    def evaluate(self, data: Feeds, batch_size: int | None = None) -> dict[str, float]:
-        """Mean loss (and accuracy where the loss defines it) over ``data`` in evaluation mode."""
-        return loop.evaluate(self, data, batch_size=batch_size)
+    #: Mean loss, accuracy where the loss defines it, and metrics, in evaluation mode.
+    evaluate = loop.evaluate
 
     def save(self, path: str | os.PathLike, *, training_state: bool = True) -> None:
         """Write graph, weights (and optimizer state, epoch, RNG states) to ``path``; see
@@ -361,10 +383,62 @@ class Model:
         """Load parameters from a model file by name; see :func:`graphengine.io.serialize.load_weights`."""
         return serialize.load_weights(self, path, strict=strict, training_state=training_state)
 
+    def summary(self, file: TextIO | None = None) -> str:
+        """A table of the model's layers: name, kind, output shape, parameter count, and
+        whether they train; then the totals. Prints it (to ``file``, default stdout) and
+        returns it; ``print(model)`` prints it too, ``str(model)`` only returns it."""
+        text = summary_table(self)
+        print(text, file=file or sys.stdout)
+        return text
+
+    def __str__(self) -> str:
+        return summary_table(self)
+
     def __repr__(self) -> str:
         count = sum(int(np.prod(p.shape)) for p in self.store.arrays.values())
         return (f"<Model {self.graph.name!r} on {self.backend.name}: {len(self.graph.nodes)} nodes, "
                 f"{count} parameters, optimizer {self.optimizer!r}>")
+
+
+def summary_table(model: Model) -> str:
+    """The table of :meth:`Model.summary`. A row per top-level builder call: a layer (its
+    nodes together, named by its scope) or a single node; constants are left out."""
+    graph, store = model.graph, model.store
+    kinds = {c["name"]: c["kind"] for c in graph.calls if c["call"] == "layer"}
+    rows: dict[str, dict[str, Any]] = {}
+    totals = {"trainable": 0, "frozen": 0, "fixed": 0}
+    for name, node in graph.nodes.items():
+        if name not in model.compiled_nodes or node.kind == "constant":
+            continue
+        key = node.layer.split("/", 1)[0] if node.layer else name
+        row = rows.setdefault(key, {"kind": kinds.get(key, node.kind), "count": 0, "states": set()})
+        row["shape"] = node.shape  # a layer's output is the last node it added
+        if isinstance(node.op, Parameter):
+            size = int(np.prod(node.shape))
+            state = ("frozen" if name in store.frozen else
+                     "trainable" if node.op.trainable else "fixed")
+            row["count"] += size
+            row["states"].add(state)
+            totals[state] += size
+    table = [("layer", "kind", "output shape", "params", "training")]
+    for key, row in rows.items():
+        dims = ["N" if d is None else str(d) for d in row["shape"]]
+        shape = f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"
+        table.append((key, row["kind"], shape, f"{row['count']:,}" if row["states"] else "",
+                      " + ".join(sorted(row["states"]))))
+    widths = [max(len(r[i]) for r in table) for i in range(5)]
+    lines = [f"Model {graph.name!r} on {model.backend.name}, optimizer "
+             f"{type(model.optimizer).__name__ if model.optimizer else 'none'}"]
+    for i, r in enumerate(table):
+        lines.append("  ".join(c.rjust(w) if i and j == 3 else c.ljust(w)
+                               for j, (c, w) in enumerate(zip(r, widths))).rstrip())
+        if i == 0:
+            lines.append("-" * len(lines[-1]))
+    total = sum(totals.values())
+    lines.append("-" * len(lines[1]))
+    lines.append(f"{total:,} parameters: {totals['trainable']:,} trainable, {totals['frozen']:,} "
+                 f"frozen, {totals['fixed']:,} not trained (running statistics)")
+    return "\n".join(lines)
 
 
 def _node_name(graph: Graph, t: Any, what: str) -> str:

@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from .errors import PluginError
 from .hooks import PluginManager, get_plugin_manager, set_plugin_manager
+from .ir.contracts import Activation, ActivationOp, Loss, LossOp
 from .ir.operators import Operator
 from .runtime.backend import Backend, get_backend
 from .runtime.tape import Context
@@ -23,13 +25,19 @@ class GradientCheckError(AssertionError):
     """backward disagrees with the finite difference of forward."""
 
 
-def check_backward(op: Operator | Callable[[], Operator], inputs: Sequence[np.ndarray], *,
+Checkable = Operator | Activation | Loss
+
+
+def check_backward(op: Checkable | Callable[[], Checkable], inputs: Sequence[np.ndarray], *,
                    backend: str | Backend = "numpy", eps: float = 1e-6, atol: float = 1e-5,
                    rtol: float = 1e-4, seed: int = 0, grad_output: np.ndarray | None = None,
                    training: bool = True) -> None:
     """Check ``op.backward`` against a central difference of ``op.forward``.
 
-    ``op`` may be a factory of operators. Each evaluation gets a fresh context (``ctx``), as
+    ``op`` is an operator, an activation or a loss plugin (an instance, a class, or any factory
+    of them: ``lambda: Swish(beta=2.0)``); activations and losses are wrapped in the operators
+    the core wraps them in, so ``inputs`` are ``[x]`` for an activation and ``[pred, target]``
+    for a loss (the target gets no gradient). Each evaluation gets a fresh context (``ctx``), as
     each call in a run does; ``training`` is the mode it reports. Inputs are cast to float64
     (integer inputs stay as they are and are not checked). For a random direction ``d`` per
     input and a random output weight ``w``, it compares
@@ -38,7 +46,11 @@ def check_backward(op: Operator | Callable[[], Operator], inputs: Sequence[np.nd
     """
     be = get_backend(backend)
     xp = be.xp
-    factory = op if callable(op) and not isinstance(op, Operator) else (lambda: op)
+    made = op if callable(op) and not isinstance(op, Checkable) else (lambda: op)
+
+    def factory() -> Operator:
+        return as_operator(made())
+
     rng = np.random.default_rng(seed)
     host = [np.asarray(a, dtype=np.float64) if np.asarray(a).dtype.kind == "f" else np.asarray(a)
             for a in inputs]
@@ -86,6 +98,19 @@ def check_backward(op: Operator | Callable[[], Operator], inputs: Sequence[np.nd
             f"{operator!r} on backend {be.name!r}: backward gives {analytic:.10g}, finite "
             f"difference gives {numeric:.10g} (|diff| {abs(analytic - numeric):.3g}, atol {atol}, "
             f"rtol {rtol}); input shapes {[a.shape for a in host]}")
+
+
+def as_operator(obj: Checkable) -> Operator:
+    """``obj`` as the operator a graph runs: activations and losses in their adapters."""
+    kind = getattr(obj, "name", None) or type(obj).__name__.lower()
+    if isinstance(obj, Operator):
+        return obj
+    if isinstance(obj, Activation):
+        return ActivationOp(kind, obj)
+    if isinstance(obj, Loss):
+        return LossOp(kind, obj)
+    raise PluginError(f"check_backward takes an Operator, an Activation or a Loss (an instance, a "
+                      f"class, or a factory of them), got {obj!r}")
 
 
 class _FixedRng:

@@ -57,6 +57,8 @@ class BinaryCrossEntropy(ge.Loss):
     sigmoid(z); accuracy thresholds them at 0.5.
     """
 
+    applies_activation = "sigmoid"
+
     def check(self, pred, target):
         _check_binary("binary_cross_entropy", pred, target)
 
@@ -106,6 +108,7 @@ class SoftmaxCrossEntropy(_ClassLabels):
     """
 
     name = "softmax_cross_entropy"
+    applies_activation = "softmax"
 
     def forward(self, xp, pred, target):
         self.check_labels(target, pred.shape[-1])

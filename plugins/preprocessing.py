@@ -36,6 +36,26 @@ class Preprocessor(ge.Layer):
         raise NotImplementedError
 
 
+def check_finite(layer: Preprocessor, x: np.ndarray, statistics: dict[str, Any] | None = None) -> None:
+    """Refuse non-finite data (or statistics that overflowed), naming the layer and the first
+    column holding one: fitted from it, the layer would keep NaN statistics for good. Raised
+    before anything is set, so the layer stays unfitted."""
+    kind = type(layer).__name__
+    if statistics is None:
+        bad = ~np.isfinite(x)
+        if bad.any():
+            row, *column = np.argwhere(bad)[0].tolist()
+            where = f"column {column[0] if len(column) == 1 else tuple(column)}" if column else "the value"
+            raise DataError(f"{kind} layer cannot be fitted: {where} of its input holds "
+                            f"{x[(row, *column)]} (first at row {row}); drop or impute non-finite "
+                            f"values before fitting (np.isfinite finds them)")
+        return
+    for name, value in statistics.items():
+        if not np.all(np.isfinite(value)):
+            raise DataError(f"{kind} layer cannot be fitted: its statistic {name!r} overflowed "
+                            f"(the input's values are too large for float64); scale the data first")
+
+
 class FeatureStatistics(Preprocessor):
     """A per-feature (or, with ``per_feature=False``, global) affine map ``(x - shift) * scale``
     whose shift and scale come from the training data's statistics along the batch axis."""
@@ -66,7 +86,11 @@ class FeatureStatistics(Preprocessor):
     def fit_data(self, x):
         if len(x) < 2:
             raise DataError(f"fitting {type(self).__name__} needs at least 2 rows, got {len(x)}")
-        return self.fit_statistics(x.astype(np.float64))
+        x = x.astype(np.float64)
+        check_finite(self, x)
+        statistics = self.fit_statistics(x)
+        check_finite(self, x, statistics)
+        return statistics
 
     def fit_statistics(self, x: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -128,8 +152,12 @@ class PCA(Preprocessor):
             raise DataError(f"fitting pca with {self.components} components needs at least "
                             f"{max(2, self.components)} rows, got {len(x)}")
         x = x.astype(np.float64)
+        check_finite(self, x)
         mean = x.mean(axis=0)
-        _, singular, vt = np.linalg.svd(x - mean, full_matrices=False)
+        try:
+            _, singular, vt = np.linalg.svd(x - mean, full_matrices=False)
+        except np.linalg.LinAlgError as exc:  # finite data so large that centering overflowed
+            raise DataError(f"PCA layer cannot be fitted: {exc}; scale the data first") from None
         directions = vt[:self.components].T
         # Fix each direction's sign (largest entry positive) so refitting gives the same map.
         signs = np.sign(directions[np.abs(directions).argmax(axis=0), range(self.components)])
@@ -137,7 +165,9 @@ class PCA(Preprocessor):
         if self.whiten:
             variance = singular[:self.components] ** 2 / (len(x) - 1)
             directions = directions / np.sqrt(variance + self.eps)
-        return {"mean": mean, "projection": directions}
+        statistics = {"mean": mean, "projection": directions}
+        check_finite(self, x, statistics)
+        return statistics
 
 
 @ge.hookimpl

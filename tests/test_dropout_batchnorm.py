@@ -79,21 +79,21 @@ def test_dropout_mode_is_explicit_train_and_eval():
     model = dropout_model()
     x = np.ones((4, 8), np.float32)
     model.train()
-    first = model.run({"x": x}, fetches=["dropout0/dropout"], training=True)["dropout0/dropout"]
-    second = model.run({"x": x}, fetches=["dropout0/dropout"], training=True)["dropout0/dropout"]
+    first = model.run({"x": x}, fetches=["dropout_0/dropout"], training=True)["dropout_0/dropout"]
+    second = model.run({"x": x}, fetches=["dropout_0/dropout"], training=True)["dropout_0/dropout"]
     assert not np.array_equal(first, second)  # fresh masks in training
     assert set(np.unique(first)) <= {0.0, 2.0}
     model.eval()
     assert not model.training
-    evaluated = model.run({"x": x}, fetches=["dropout0/dropout"])["dropout0/dropout"]
+    evaluated = model.run({"x": x}, fetches=["dropout_0/dropout"])["dropout_0/dropout"]
     assert np.array_equal(evaluated, x)
     # a run chooses its own mode and leaves the model's alone
-    masked = model.run({"x": x}, fetches=["dropout0/dropout"], training=True)["dropout0/dropout"]
+    masked = model.run({"x": x}, fetches=["dropout_0/dropout"], training=True)["dropout_0/dropout"]
     assert set(np.unique(masked)) == {0.0, 2.0}
     assert not model.training
     # predict evaluates even from training mode, and leaves the mode as it was
     model.train()
-    w, b = (model.parameters()[n] for n in ("dense0/W", "dense0/b"))
+    w, b = (model.parameters()[n] for n in ("dense_0/W", "dense_0/b"))
     assert np.allclose(model.predict({"x": x}), x @ w + b, atol=1e-6)
     assert model.training
 

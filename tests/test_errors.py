@@ -379,6 +379,74 @@ def model_file_from_a_newer_version(mp, tmp_path):
     ge.load(path)
 
 
+class Dropping(Double):
+    """A plugin activation whose backward returns no gradient."""
+
+    def backward(self, xp, x, y, dy):
+        return None
+
+
+def plugin_backward_returning_none(mp):
+    with isolated_plugin_manager(plugin("drop_plugin",
+                                        graphengine_register_activations=activations(drop=Dropping)),
+                                 entry_points=True):
+        g = ge.Graph()
+        x = g.input("x", (None, 3))
+        h = g.activation("drop", g.layer("dense", x, units=2, name="fc"))
+        model = g.compile(h.mean(), outputs=[h], optimizer="sgd")
+        model.forward({"x": X})
+        model.backward()
+
+
+def nan_hyperparameter(mp):
+    ge.optimizer("adam", lr=float("nan"))
+
+
+def non_finite_preprocessing_data(mp):
+    g = ge.Graph()
+    model = g.compile(outputs=[g.layer("zscore", g.input("x", (None, 3)), name="norm")])
+    data = X.copy()
+    data[2, 1] = np.nan
+    model.fit_preprocessing({"x": data})
+
+
+def checkpoint_with_a_bad_pattern(mp):
+    ge.Checkpoint("run{1}/model.ge")
+
+
+def model_file_that_is_a_fifo(mp, tmp_path):
+    import os
+    path = tmp_path / "model.ge"
+    os.mkfifo(path)
+    ge.load(path)
+
+
+def saving_over_a_read_only_file(mp, tmp_path):
+    path = tmp_path / "model.ge"
+    path.write_bytes(b"precious")
+    path.chmod(0o444)
+    classifier().save(path)
+
+
+def model_file_needing_a_missing_plugin(mp, tmp_path):
+    path = tmp_path / "model.ge"
+    with isolated_plugin_manager(entry_points=True) as manager:
+        manager.register(plugin("double_plugin", graphengine_register_activations=activations(
+            double=Double)), distribution="double-activation")
+        g = ge.Graph()
+        g.compile(outputs=[g.activation("double", g.input("x", (None, 3)))]).save(path)
+    ge.load(path)
+
+
+def resuming_with_state_that_does_not_fit(mp, tmp_path):
+    path = tmp_path / "model.ge"
+    model = classifier()
+    model.fit({"x": X, "y": Y}, batch_size=5, verbose=0)
+    model.optimizer_state["fc/W"]["stray"] = 1.5  # a scalar where the optimizer keeps nothing
+    model.save(path)
+    ge.load(path)
+
+
 def model_file_carrying_a_pickle(mp, tmp_path):
     marker = tmp_path / "unpickled"
     path = tmp_path / "model.ge"
@@ -501,11 +569,26 @@ CASES = [
          "'log_0' (log, built at", "keep its input positive"),
     Case(truncated_model_file, ge.SerializationError, "is truncated", "save the model again"),
     Case(corrupted_model_file, ge.SerializationError, "is corrupted: tensor", "save the model again"),
-    Case(model_file_from_a_newer_version, ge.SerializationError, "has format version 2, written by a "
-         "newer graphengine; this one reads versions up to 1", "upgrade (pip install -U graphengine)"),
+    Case(model_file_from_a_newer_version, ge.SerializationError, "has format version 3, written by a "
+         "newer graphengine; this one reads versions up to 2", "upgrade (pip install -U graphengine)"),
     Case(model_file_carrying_a_pickle, ge.SerializationError, "is a pickle, not a graphengine model "
          "file; graphengine never unpickles (unpickling runs code from the file)",
          "np.load(..., allow_pickle=False)"),
+    Case(model_file_that_is_a_fifo, ge.SerializationError, "is a FIFO (named pipe), not a model file",
+         "a model file is a regular file"),
+    Case(model_file_needing_a_missing_plugin, ge.SerializationError, "uses activation 'double', "
+         "provided by plugin 'double_plugin'", "pip install double-activation"),
+    Case(resuming_with_state_that_does_not_fit, ge.SerializationError, "the optimizer state of "
+         "parameter 'fc/W' has 'stray' = 1.5, SGD keeps an array", "an array"),
+    Case(saving_over_a_read_only_file, ge.SerializationError, "it is read-only", "chmod u+w"),
+    Case(checkpoint_with_a_bad_pattern, ge.GraphEngineError, "Checkpoint path 'run{1}/model.ge' is "
+         "not a valid pattern", "it may hold {epoch}"),
+    Case(nan_hyperparameter, ge.GraphEngineError, "rejected {'lr': nan}: lr must be a non-negative "
+         "number, got nan, which is not finite", "which is not finite"),
+    Case(non_finite_preprocessing_data, ge.DataError, "ZScore layer cannot be fitted: column 1 of its "
+         "input holds nan (first at row 2)", "drop or impute non-finite values"),
+    Case(plugin_backward_returning_none, ge.OperatorError, "Dropping.backward returned None for the "
+         "gradient of its input #0", "return an array (zeros where no gradient flows)"),
 ]
 
 
@@ -586,7 +669,7 @@ def test_a_failed_layer_leaves_no_half_built_nodes():
         g = ge.Graph("g")
         x = g.input("x", (None, 3))
         before = snapshot(g)
-        with pytest.raises(ge.ShapeError, match=r"node 'half0/add' \(add\)"):
+        with pytest.raises(ge.ShapeError, match=r"node 'half_0/add' \(add\)"):
             g.layer("half", x)
         assert snapshot(g) == before
         with pytest.raises(ge.GraphBuildError, match="returned str from build"):
@@ -596,9 +679,9 @@ def test_a_failed_layer_leaves_no_half_built_nodes():
             g.layer("dense", x, x, units=2)
         assert snapshot(g) == before
         # The graph still builds, compiles and trains; the failed layer's name is free again.
-        h = g.layer("dense", x, units=1, name="half0")
+        h = g.layer("dense", x, units=1, name="half_0")
         model = g.compile(h.mean(), outputs=[h], optimizer="sgd")
-        assert sorted(model.parameters()) == ["half0/W", "half0/b"]
+        assert sorted(model.parameters()) == ["half_0/W", "half_0/b"]
         before_loss = model.train_step({"x": X})
         assert model.forward({"x": X}) < before_loss
 

@@ -157,8 +157,8 @@ def test_fit_records_epochs_and_leaves_training_unchanged():
     plain, *_ = tiny()
     watched, *_ = tiny()
     monitor = GradientMonitor(every=2).attach(watched)
-    a = plain.fit(data, epochs=3, batch_size=8, shuffle=False, progress=False)
-    b = watched.fit(data, epochs=3, batch_size=8, shuffle=False, progress=False)
+    a = plain.fit(data, epochs=3, batch_size=8, shuffle=False, verbose=0, monitor=False)
+    b = watched.fit(data, epochs=3, batch_size=8, shuffle=False, verbose=0)
     assert a["loss"] == b["loss"]
     assert sorted({r.epoch for r in monitor.records}) == [1, 2, 3]
     assert find_monitor(watched) is monitor and find_monitor(plain) is None

@@ -198,8 +198,8 @@ def small_lstm(backend: str) -> tuple[ge.Model, dict[str, np.ndarray]]:
     g = ge.Graph("lstm")
     x = g.input("x", (None, 5, 3))
     y = g.input("y", (None,), dtype="int64")
-    h = g.layer("lstm", x, units=4, return_sequences=True, name="lstm1")
-    h = g.layer("lstm", h, units=4, name="lstm2")
+    h = g.layer("lstm", x, units=4, return_sequences=True, name="lstm_1")
+    h = g.layer("lstm", h, units=4, name="lstm_2")
     logits = g.layer("dense", h, units=3, name="out")
     model = g.compile(g.loss("softmax_cross_entropy", logits, y), optimizer=ge.optimizer("adam"),
                       backend=backend, seed=3)
@@ -361,4 +361,4 @@ def test_run_state_lives_on_the_tape_and_is_dropped_with_it():
     model.backward()
     for name, grad in model.gradients().items():
         np.testing.assert_array_equal(grad, reference[name])
-    assert set(model.gradients()) == {"conv/W", "conv/b", "dense0/W", "dense0/b"}
+    assert set(model.gradients()) == {"conv/W", "conv/b", "dense_0/W", "dense_0/b"}

@@ -179,7 +179,7 @@ def test_disabled_plugin_is_never_imported(monkeypatch, import_log):
     assert manager.initializers.names() == ["harmless_init"]
     assert {r["name"]: r for r in manager.report()}["tripwire"] == {
         "name": "tripwire", "distribution": None, "version": None, "module": "tripwire_plugin",
-        "registered": {}, "error": None, "disabled": True}
+        "registered": {}, "error": None, "disabled": True, "aliases": {}, "unavailable": {}}
 
 
 def test_misspelled_hook_is_caught():

@@ -187,8 +187,8 @@ def test_orthogonal_initializer_and_forget_bias():
     np.testing.assert_allclose(u @ u.T, np.eye(8), atol=1e-12)
     g, x = sequence_graph()
     g.layer("lstm", x, units=4)
-    model = g.compile(outputs=[g["lstm0/lstm"]])
-    np.testing.assert_array_equal(model.parameters()["lstm0/b"], np.repeat([0, 1, 0, 0], 4))
+    model = g.compile(outputs=[g["lstm_0/lstm"]])
+    np.testing.assert_array_equal(model.parameters()["lstm_0/b"], np.repeat([0, 1, 0, 0], 4))
 
 
 # --------------------------------------------------------------------------- training

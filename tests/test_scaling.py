@@ -119,8 +119,8 @@ def test_an_operator_shared_by_two_nodes_is_refused_and_freed_with_a_failed_call
         x = x.exp().log()
     before, calls = list(g.nodes), len(g.calls)
     op = PRIMITIVES["exp"]()
-    with pytest.raises(ge.GraphBuildError, match=r"node 'twice0/exp_1': operator .* already belongs "
-                       r"to node 'twice0/exp'; create one operator instance per node"):
+    with pytest.raises(ge.GraphBuildError, match=r"node 'twice_0/exp_1': operator .* already belongs "
+                       r"to node 'twice_0/exp'; create one operator instance per node"):
         g.layer("twice", x, op=op)
     assert list(g.nodes) == before and len(g.calls) == calls
     assert set(g.dag.nodes) == set(before)
@@ -151,13 +151,13 @@ def test_layer_scopes_are_numbered_and_taken_names_are_refused():
     x = g.input("x", shape=(None, 4))
     for _ in range(3000):
         x = g.layer("dense", x, units=4)
-    assert x.name == "dense2999/add" and "dense0/W" in g and "dense2999/b" in g
-    for taken in ("dense0", "dense2999", "x"):
+    assert x.name == "dense_2999/add" and "dense_0/W" in g and "dense_2999/b" in g
+    for taken in ("dense_0", "dense_2999", "x"):
         with pytest.raises(ge.GraphBuildError, match=f"already has a layer or node named '{taken}'"):
             g.layer("dense", x, units=4, name=taken)
     g.input("a/b", shape=(None, 4))  # a node in scope "a"
     with pytest.raises(ge.GraphBuildError, match="already has a layer or node named 'a'"):
         g.layer("dense", x, units=4, name="a")
-    g.layer("dense", x, units=4, name="dense3000")
-    assert g.layer("dense", x, units=4).name == "dense3001/add"  # skips the name taken by hand
+    g.layer("dense", x, units=4, name="dense_3000")
+    assert g.layer("dense", x, units=4).name == "dense_3001/add"  # skips the name taken by hand
     assert g.layer("dense", x, units=4, name="a/c").name == "a/c/add"  # a free name in scope "a"

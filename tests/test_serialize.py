@@ -76,10 +76,11 @@ def test_explicit_outputs_and_other_backends_round_trip(tmp_path):
 
 def test_a_newer_format_version_asks_to_upgrade(tmp_path, monkeypatch):
     path = tmp_path / "future.safetensors"
-    monkeypatch.setattr(serialize, "FORMAT_VERSION", serialize.FORMAT_VERSION + 1)
+    newer = serialize.FORMAT_VERSION + 1
+    monkeypatch.setattr(serialize, "FORMAT_VERSION", newer)
     trained().save(path)
     monkeypatch.undo()
-    with pytest.raises(ge.SerializationError, match=r"format version 2.*newer.*pip install -U"):
+    with pytest.raises(ge.SerializationError, match=rf"format version {newer}.*newer.*pip install -U"):
         ge.load(path)
 
 
@@ -205,7 +206,30 @@ def test_a_layer_from_a_missing_plugin_is_named(tmp_path):
     with isolated_plugin_manager(Plugin(), entry_points=True):
         g = ge.Graph()
         g.compile(outputs=[g.layer("double", g.input("x", (None, 2)))]).save(path)
-    with pytest.raises(ge.SerializationError, match=r"builder call #1 \(layer 'double'\).*unknown layer"):
+    with pytest.raises(ge.SerializationError, match=r"uses layer 'double'.*register the plugin"):
+        ge.load(path)
+
+
+def test_a_file_names_the_distribution_to_install_for_a_missing_plugin(tmp_path):
+    class Double(ge.Layer):
+        def build(self, g, x):
+            return x * 2.0
+
+    class Plugin:
+        @ge.hookimpl
+        def graphengine_register_layers(self, register):
+            register("double", Double)
+
+    path = tmp_path / "plugin.safetensors"
+    with isolated_plugin_manager(entry_points=True) as manager:
+        manager.register(Plugin(), name="doubler", distribution="double-layers")
+        g = ge.Graph()
+        g.compile(outputs=[g.layer("double", g.input("x", (None, 2)))]).save(path)
+    assert serialize.read(path).document["plugins"]["layers"]["double"] == {
+        "plugin": "doubler", "distribution": "double-layers"}
+    with pytest.raises(ge.SerializationError,
+                       match=r"uses layer 'double', provided by plugin 'doubler'.*"
+                             r"pip install double-layers"):
         ge.load(path)
 
 
@@ -299,7 +323,7 @@ def rewrite(path, change) -> None:
     file or a broken writer could produce."""
     file = serialize.read(path)
     change(file.document)
-    path.write_bytes(serialize._encode(file.document, file.tensors))
+    serialize.atomic_write(path, b"".join(serialize._encode(file.document, file.tensors)))
 
 
 MALFORMED = {

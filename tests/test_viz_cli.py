@@ -51,7 +51,7 @@ def test_render_with_data_annotates_and_diagnoses(saved_model, tmp_path, capsys)
 def test_render_reports_a_bad_file(tmp_path, capsys):
     bad = tmp_path / "nothing.gem"
     bad.write_bytes(b"not a model")
-    assert main(["render", str(bad), "-o", str(tmp_path / "g.svg")]) == 1
+    assert main(["render", str(bad), "-o", str(tmp_path / "g.svg")]) == 2
     assert "graphengine render:" in capsys.readouterr().err
 
 

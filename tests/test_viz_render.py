@@ -20,7 +20,7 @@ needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz 'do
 ATTR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^\s\]]+)')
 DOT_NODE = re.compile(r"^\s+(n\d+|L\d+|legend) \[", re.M)
 #: a colour cell of the legend: its fill and its decade (1e-3 -> -3)
-LEGEND_CELL = re.compile(r'<TD BGCOLOR="(#[0-9a-f]{6})" WIDTH="30"><FONT [^>]*>1e(-?\d+)<')
+LEGEND_CELL = re.compile(r'<TD BGCOLOR="(#[0-9a-f]{6})" WIDTH="26"><FONT [^>]*>(1|1e-\d+)<')
 #: viridis as the renderer writes its colours: 256 entries, each channel rounded to 0..255
 VIRIDIS = np.round(255 * matplotlib.colormaps["viridis"](np.linspace(0, 1, 256))[:, :3]).astype(int)
 
@@ -78,31 +78,31 @@ def test_dot_marks_vanishing_nodes_twice_with_colour_and_tooltips():
     assert "flags: vanishing" in weak["tooltip"]
     # the layer cluster says it too, and the legend explains scale and borders
     assert re.search(r'subgraph cluster_fc1 \{\n\s+.*label="fc1 · dense · 2,080 params\\n\[VANISHING', source)
-    assert "fill: gradient RMS (log scale)" in source and "[VANISHING] dashed border" in source
+    assert "fill: gradient RMS / strongest parameter gradient" in source
+    assert "[VANISHING] dashed border" in source
     assert 'rankdir=TB' in source
 
 
-def test_fill_moves_along_viridis_with_the_gradient_rms_as_the_legend_says():
+def test_fill_is_the_share_of_the_strongest_parameter_gradient_on_the_fixed_legend():
     model = captured()
+    diagnosis = diagnose(model)
     source = to_dot(model).source
-    rms = {name: health.stats.grad_rms for name, health in diagnose(model).nodes.items()
+    strongest = max(layer.grad_rms for layer in diagnosis.layers)
+    rms = {name: health.stats.grad_rms for name, health in diagnosis.nodes.items()
            if health.stats.grad_rms is not None and model.graph.nodes[name].shape}
     assert len(rms) > 30 and max(rms.values()) > 1e4 * min(rms.values())
-    position = {name: viridis_position(node_attrs(source, model, name)["fillcolor"]) for name in rms}
-    by_gradient = sorted(rms, key=rms.get)
-    # a larger gradient is never drawn further back on the scale, and the scale is used end to end
-    assert [position[n] for n in by_gradient] == sorted(position.values())
-    assert position[by_gradient[0]] < 32 and position[by_gradient[-1]] > 224
-    # the legend: whole decades, dark to light, spanning every drawn gradient...
+    # the legend: the decades 1e-8 .. 1, dark to light, in every diagram
     cells = LEGEND_CELL.findall(source)
-    decades = [int(exponent) for _, exponent in cells]
+    decades = [0 if text == "1" else int(text[2:]) for _, text in cells]
     ticks = [viridis_position(fill) for fill, _ in cells]
-    assert decades == sorted(decades) and ticks == sorted(ticks) and len(set(ticks)) == len(ticks)
-    assert decades[0] <= math.log10(min(rms.values())) and decades[-1] >= math.log10(max(rms.values()))
-    # ...and each node's colour lies between those of the decades around its gradient
+    assert decades == list(range(-8, 1)) and ticks == sorted(ticks) and ticks[0] == 0 and ticks[-1] == 255
+    # each node's colour lies between those of the decades around its share of the strongest
+    position = {name: viridis_position(node_attrs(source, model, name)["fillcolor"]) for name in rms}
     for name, value in rms.items():
-        below = max(i for i, d in enumerate(decades) if d <= math.log10(value))
-        assert ticks[below] <= position[name] <= ticks[min(below + 1, len(ticks) - 1)], name
+        exponent = min(0.0, max(-8.0, math.log10(value / strongest)))
+        below = math.floor(exponent)
+        assert ticks[below + 8] <= position[name] <= ticks[min(below + 9, 8)], name
+    assert [position[n] for n in sorted(rms, key=rms.get)] == sorted(position.values())
 
 
 def test_nodes_without_gradient_stay_grey():
@@ -180,24 +180,35 @@ def test_collapsed_layers_and_rankdir():
     model = captured(depth=8)
     source = to_dot(model, collapse=True, rankdir="LR").source
     assert "rankdir=LR" in source and "cluster_" not in source
-    layer_nodes = re.findall(r'^\s+(L\d+) \[label="(\w+): dense', source, re.M)
-    assert [name for _, name in layer_nodes] == [f"fc{i}" for i in range(1, 9)] + ["out"]
-    assert re.search(r"^\s+L0 -> n\d+ ", source, re.M)  # fc1 feeds its activation, drawn outside
+    # each layer is one node, and the activation applied to it joins it: one step of the network
+    layer_nodes = re.findall(r'^\s+(L\d+) \[label="(\w+): ([\w +]+)\\n', source, re.M)
+    assert [(name, kind) for _, name, kind in layer_nodes] == (
+        [(f"fc{i}", "dense + sigmoid") for i in range(1, 9)] + [("out", "dense")])
+    assert re.search(r"^\s+L0 -> L1 ", source, re.M)
     first, last = source.split("\tL0 [", 1)[1].splitlines()[0], source.split("\tL8 [", 1)[1].splitlines()[0]
     assert "[VANISHING" in first and "dashed" in first and "VANISHING" not in last
+    assert "sigmoid_0" in first  # the tooltip lists the nodes it draws
     with pytest.raises(ge.GraphEngineError, match="rankdir"):
         to_dot(model, rankdir="UP")
     with pytest.raises(ge.GraphEngineError, match="unknown layer"):
         to_dot(model, collapse=["fc9"])
 
 
-def test_without_dot_the_source_and_table_are_written(tmp_path, monkeypatch):
+def test_without_dot_nothing_next_to_the_picture_is_overwritten(tmp_path, monkeypatch):
     model = captured(depth=2)
+    (tmp_path / "graph.txt").write_text("my notes")
+    (tmp_path / "graph.gv").write_text("my source")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    with pytest.raises(GraphvizMissingError, match="apt-get install graphviz"):
+    with pytest.raises(GraphvizMissingError, match="apt-get install graphviz") as caught:
         render(model, tmp_path / "graph.svg")
-    assert "digraph" in (tmp_path / "graph.gv").read_text()
-    table = (tmp_path / "graph.txt").read_text()
+    # the user's files are untouched; the source and the table went to a new folder, named
+    assert (tmp_path / "graph.txt").read_text() == "my notes"
+    assert (tmp_path / "graph.gv").read_text() == "my source"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["graph.gv", "graph.txt"]
+    error = caught.value
+    assert error.table_path.parent != tmp_path and str(error.table_path) in str(error)
+    assert str(error.source_path) in str(error) and "digraph" in error.source_path.read_text()
+    table = error.table_path.read_text()
     assert "fc1/W" in table and "grad rms" in table
 
 
@@ -220,7 +231,15 @@ def test_renders_svg_png_pdf(tmp_path):
     assert render(model, tmp_path / "g.pdf", forward_only=True).read_bytes()[:5] == b"%PDF-"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.pdf", "g.png", "g.svg"]
     render(model, tmp_path / "kept.svg", keep_source=True)
-    assert (tmp_path / "kept.gv").exists()
+    assert (tmp_path / "kept.gv").read_text() == to_dot(model).source
+
+
+@needs_dot
+def test_render_writes_only_the_file_it_names(tmp_path):
+    (tmp_path / "graph.gv").write_text("my own source")
+    render(captured(depth=1), tmp_path / "graph.svg")
+    assert (tmp_path / "graph.gv").read_text() == "my own source"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["graph.gv", "graph.svg"]
 
 
 @pytest.fixture(scope="module")

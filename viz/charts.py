@@ -68,7 +68,8 @@ def gradient_flow_chart(models: Mapping[str, Model], path: str | os.PathLike, *,
 
     if not models:
         raise GraphEngineError("gradient_flow_chart needs at least one model")
-    fig = Figure(figsize=(12, 3.6 * len(models)))
+    # constrained layout makes room for the legends, which sit beside the panels, never on the data
+    fig = Figure(figsize=(14, 3.6 * len(models)), layout="constrained")
     axes = fig.subplots(len(models), 2, sharey=True, squeeze=False,
                         gridspec_kw={"width_ratios": [1.25, 1]})
     for row, (label, model) in enumerate(models.items()):
@@ -101,7 +102,8 @@ def gradient_flow_chart(models: Mapping[str, Model], path: str | os.PathLike, *,
         handles += [Line2D([], [], color="grey", marker="o", ls="-", ms=4),
                     Line2D([], [], color="grey", marker="v", ls=":", ms=4)]
         texts += ["weights", "biases"]
-        left.legend(handles, texts, fontsize=7, ncol=2, loc="lower right")
+        left.legend(handles, texts, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                    borderaxespad=0.0)
         left.grid(True, which="major", alpha=0.3)
 
         steps = [r.step for r in records]
@@ -115,12 +117,12 @@ def gradient_flow_chart(models: Mapping[str, Model], path: str | os.PathLike, *,
         right.set_yscale("log")
         right.set_xlabel("training step")
         right.set_title(f"{label}: weight gradients over training", fontsize=10)
-        right.legend(fontsize=7, ncol=2, loc="lower right", title="input (dark) -> output (light)",
-                     title_fontsize=7)
+        right.legend(fontsize=7, ncol=1 + len(weight_names) // 12, loc="upper left",
+                     bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+                     title="input (dark)\n-> output (light)", title_fontsize=7)
         right.grid(True, which="major", alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

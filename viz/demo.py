@@ -11,6 +11,7 @@ gradient-flow chart and the statistics tables, and prints the diagnosis.
 from __future__ import annotations
 
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,10 +117,18 @@ def _first_last(diagnosis: Diagnosis) -> tuple[str, float, str, float]:
     return first.name, first.grad_rms, last.name, last.grad_rms
 
 
+#: Width of the printed findings: the README quotes them as printed, within its code blocks.
+WIDTH = 100
+
+
 def vanishing_demo(out: str | Path = "demo_output", config: DemoConfig = DemoConfig(),
-                   progress: bool | None = None, stream: TextIO = sys.stdout) -> int:
+                   progress: bool | None = None, stream: TextIO = sys.stdout,
+                   images: str | Path | None = None) -> int:
     """Run the experiment, write the pictures to ``out``, print the findings. Returns 0 when the
-    outcome is the one the notes describe, 1 otherwise."""
+    outcome is the one the notes describe, 1 otherwise.
+
+    ``images``: also write the documentation's pictures there (``make docs``): each diagram
+    collapsed to its layers (legible at page width) and in full, and the chart."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if progress is None:
@@ -127,6 +136,9 @@ def vanishing_demo(out: str | Path = "demo_output", config: DemoConfig = DemoCon
 
     def say(text: str = "") -> None:
         print(text, file=stream)
+
+    def finding(text: str) -> None:
+        say(textwrap.fill(f"- {text}", WIDTH, subsequent_indent="  "))
 
     say("graphengine demo: vanishing gradients in a deep sigmoid network (and the ReLU fix)")
     say(f"digits (8x8 images, 10 classes), {config.deep} vs {config.shallow} hidden layers of "
@@ -161,23 +173,33 @@ def vanishing_demo(out: str | Path = "demo_output", config: DemoConfig = DemoCon
     for run in deep_runs:
         say("")
         say(f"diagnosis, {run.label}:")
-        say(str(diagnoses[run.variant]).split("\n", 1)[1])
-        for finding in diagnose_history(run.history):
-            say(f"- {finding}")
+        for line in diagnoses[run.variant].findings:
+            finding(str(line))
+        for line in diagnose_history(run.history):
+            finding(str(line))
         stem = out / f"{run.variant}_deep"
         table = stem.with_suffix(".txt")
         table.write_text(stats_table(run.model, diagnoses[run.variant]))
         written.append(table)
-        for suffix in (".svg", ".png"):
+        pictures = [(stem.with_suffix(".svg"), False), (stem.with_suffix(".png"), False),
+                    (out / f"{run.variant}_deep_layers.svg", True)]
+        if images is not None:
+            pictures += [(Path(images) / f"vanishing_{run.variant}.svg", True),
+                         (Path(images) / f"vanishing_{run.variant}_full.svg", False)]
+        for path, collapsed in pictures:
             try:
-                written.append(render(run.model, stem.with_suffix(suffix), diagnosis=diagnoses[run.variant]))
+                written.append(render(run.model, path, diagnosis=diagnoses[run.variant],
+                                      collapse=collapsed))
             except GraphvizMissingError as exc:
                 missing_dot = str(exc)
-                written.append(stem.with_suffix(".gv"))
+                written.append(exc.source_path)
                 break
-    chart = gradient_flow_chart({run.label: run.model for run in deep_runs}, out / "gradient_flow.png",
-                                title=f"gradient flow on digits, {config.deep} hidden layers")
-    written.append(chart)
+    title = f"gradient flow on digits, {config.deep} hidden layers"
+    models = {run.label: run.model for run in deep_runs}
+    written.append(gradient_flow_chart(models, out / "gradient_flow.png", title=title))
+    if images is not None:
+        written.append(gradient_flow_chart(models, Path(images) / "vanishing_gradient_flow.png",
+                                           title=title))
 
     sigmoid_flagged = diagnoses["sigmoid"].flagged_layers("vanishing")
     relu_flagged = diagnoses["relu"].flagged_layers("vanishing")

@@ -20,8 +20,9 @@ the second kind from a training :class:`~graphengine.History`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,7 @@ from graphengine.tools.monitor import (
     Record,
     find_monitor,
 )
-from graphengine.train.loop import History
+from graphengine.train.loop import EarlyStopping, History
 
 
 def health_kinds(model: Model, measure: str) -> list[str]:
@@ -101,6 +102,7 @@ class Diagnosis:
     """What :func:`diagnose` found; ``str()`` gives the report in words."""
 
     step: int
+    #: The epoch being trained when recorded; for a snapshot, the epochs trained before it.
     epoch: int
     records: int
     thresholds: Thresholds
@@ -109,6 +111,17 @@ class Diagnosis:
     findings: list[Finding]
     #: (source, consumer) -> (rms, norm) of the gradient along edges out of fanned-out tensors.
     edges: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
+    #: Recorded outside training (``GradientMonitor.capture``, ``render(data=...)``): no update
+    #: followed the pass.
+    snapshot: bool = False
+
+    def when(self) -> str:
+        """``at step 1280 (epoch 30)``, or for a snapshot ``on one batch after 30 epochs``."""
+        if not self.snapshot:
+            return f"at step {self.step} (epoch {self.epoch})"
+        if self.epoch == 0 and self.step == 0:
+            return "on one batch, before training"
+        return f"on one batch after {self.epoch} epoch{'s' if self.epoch != 1 else ''} (step {self.step})"
 
     def flagged(self, flag: str) -> list[str]:
         """Names of the nodes carrying ``flag``, in graph order."""
@@ -124,8 +137,9 @@ class Diagnosis:
         raise KeyError(f"no layer {name!r}; layers: {[layer.name for layer in self.layers]}")
 
     def __str__(self) -> str:
-        head = (f"gradient flow at step {self.step} (epoch {self.epoch}, median of "
-                f"{self.records} record{'s' if self.records != 1 else ''}):")
+        count = f"median of {self.records} record{'s' if self.records != 1 else ''}"
+        head = (f"gradient flow {self.when()}:" if self.snapshot else
+                f"gradient flow at step {self.step} (epoch {self.epoch}, {count}):")
         return "\n".join([head, *(f"- {f.message}" for f in self.findings)])
 
     def table(self) -> str:
@@ -232,8 +246,31 @@ def diagnose(model: Model, source: GradientMonitor | Record | Sequence[Record] |
     layers = _layers(model, nodes, thresholds)
     _flag_nodes(model, nodes, layers, thresholds)
     findings = _findings(model, nodes, layers, thresholds)
-    return Diagnosis(records[-1].step, records[-1].epoch, len(records), thresholds, nodes, layers,
-                     findings, window_edges(records))
+    last = records[-1]
+    # A record taken in training is followed by its update, which counts the step; one that
+    # nothing followed is a snapshot, and its "epoch in progress" was never trained.
+    taken_alone = last.step == model.step_count
+    epoch = model.epoch if taken_alone else last.epoch
+    return Diagnosis(last.step, epoch, len(records), thresholds, nodes, layers, findings,
+                     window_edges(records), snapshot=taken_alone)
+
+
+def snapshot(model: Model, feeds: Mapping[str, Any]) -> Record:
+    """Record one forward and backward pass of ``model`` on the batch ``feeds`` now, without
+    updating it, and without adding to the history of a monitor it already has (the one ``fit``
+    records with), so charts of the training stay as they were."""
+    existing = find_monitor(model)
+    position = model.observers.index(existing) if existing is not None else None
+    if existing is not None:
+        existing.detach(model)
+    fresh = GradientMonitor()
+    try:
+        return fresh.capture(model, feeds)
+    finally:
+        if fresh in model.observers:
+            fresh.detach(model)
+        if existing is not None:
+            model.observers.insert(position, existing)
 
 
 def _comparison_group(model: Model, name: str) -> str | None:
@@ -424,10 +461,15 @@ def _findings(model: Model, nodes: dict[str, NodeHealth], layers: list[LayerHeal
     return findings
 
 
-def diagnose_history(history: History, tolerance: float = 0.02) -> list[Finding]:
+def diagnose_history(history: History, tolerance: float = 0.02, *,
+                     early_stopping: EarlyStopping | None = None) -> list[Finding]:
     """Advice from the training curves: overfitting (training loss falls while validation loss
     rises), or a training loss that barely falls (a training problem, which regularization
-    would only make worse)."""
+    would only make worse).
+
+    Pass the ``early_stopping`` callback that trained the model: when it restored the weights of
+    the best epoch, the advice says so instead of advising early stopping again.
+    """
     if "loss" not in history or len(history["loss"]) < 2:
         return [Finding("history", [], "too few epochs to judge the training curves.")]
     epochs, loss = history.epochs, history["loss"]
@@ -441,7 +483,14 @@ def diagnose_history(history: History, tolerance: float = 0.02) -> list[Finding]
     if "val_loss" in history:
         val = history["val_loss"]
         best = int(np.argmin(val))
-        if best < len(val) - 1 and val[-1] > val[best] * (1 + tolerance) and loss[-1] < loss[best]:
+        restored = _restored_epoch(early_stopping, history)
+        if restored is not None and best < len(val) - 1:
+            findings.append(Finding("early-stopped", [], (
+                f"validation loss rose after epoch {epochs[best]} ({val[best]:.3f} -> {val[-1]:.3f}); "
+                f"early stopping restored epoch {restored}'s weights, so the model is its best "
+                f"epoch's. To do better than {val[best]:.3f}: dropout, L2 (weight decay), or more "
+                f"data.")))
+        elif best < len(val) - 1 and val[-1] > val[best] * (1 + tolerance) and loss[-1] < loss[best]:
             findings.append(Finding("overfitting", [], (
                 f"training loss is low ({loss[-1]:.3f}) but validation loss rises after epoch "
                 f"{epochs[best]} ({val[best]:.3f} -> {val[-1]:.3f}): overfitting; try early stopping "
@@ -455,3 +504,13 @@ def diagnose_history(history: History, tolerance: float = 0.02) -> list[Finding]
             f"training loss falls ({loss[0]:.3f} -> {loss[-1]:.3f}); pass validation= to fit() "
             f"to detect overfitting.")))
     return findings
+
+
+def _restored_epoch(early_stopping: EarlyStopping | None, history: History) -> int | None:
+    """The epoch whose weights ``early_stopping`` put back at the end of the run in ``history``."""
+    if early_stopping is None or not early_stopping.restore_best:
+        return None
+    best = getattr(early_stopping, "best_epoch", None)  # unset before the callback ever ran
+    if best is None or best not in history.epochs or best == history.epochs[-1]:
+        return None
+    return best

@@ -1,20 +1,25 @@
 """Graphviz diagrams of a model, annotated with its gradient flow.
 
 One node per operator (type, output shape, parameter count), the layers' nodes grouped in
-clusters. With gradient statistics (a :class:`~graphengine.tools.monitor.GradientMonitor` attached
-while training, or one batch captured), each node's fill is log10 of its gradient RMS on
-viridis, a colour-blind-safe sequential scale, with a legend; each flag is drawn twice, as a
-border style and as a text badge, never by colour alone; edge width follows the gradient norm
+clusters. With gradient statistics (those ``fit`` records, or a snapshot of one batch with
+``data=``), each node's fill is log10 of its gradient RMS relative to the model's strongest
+parameter gradient, on one fixed viridis scale from 10^0 down to 10^-8 (colour-blind-safe and
+the same in every picture, so a colour means the same thing in two diagrams), with a legend;
+a layer's box is filled by its parameters' gradient on that scale. Each flag is drawn twice, as
+a border style and as a text badge, never by colour alone; edge width follows the gradient norm
 flowing back along the edge; SVG tooltips carry the exact numbers.
 
-Without the ``dot`` executable, :func:`render` still writes the ``.gv`` source and a text table,
-then raises :class:`GraphvizMissingError` saying how to install Graphviz.
+:func:`render` writes only the files it is asked for. Without the ``dot`` executable it writes
+the ``.gv`` source and a text table into a new temporary directory, then raises
+:class:`GraphvizMissingError` saying where they are and how to install Graphviz.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +33,15 @@ from graphengine.ir.operators import Constant, Input, Parameter
 from graphengine.model import Model
 from graphengine.tools.monitor import GradientMonitor, NodeStats, Record
 
-from .gradflow import Diagnosis, NodeHealth, NoStatisticsError, diagnose, layer_kinds, shape_text
+from .gradflow import (
+    Diagnosis,
+    NodeHealth,
+    NoStatisticsError,
+    diagnose,
+    layer_kinds,
+    shape_text,
+    snapshot,
+)
 
 FORMATS = ("svg", "png", "pdf")
 RANKDIRS = ("TB", "LR", "BT", "RL")
@@ -47,28 +60,25 @@ THRESHOLDS = ("vanishing", "exploding", "dead", "saturated")
 
 
 class GraphvizMissingError(GraphEngineError):
-    """The ``dot`` program is not installed: the source and a text table were written instead."""
+    """The ``dot`` program is not installed: the source and a text table were written instead,
+    to ``source_path`` and ``table_path`` (in a new temporary directory)."""
+
+    source_path: Path
+    table_path: Path
 
 
 # --------------------------------------------------------------------------- colour scale
 
-@dataclass
+@dataclass(frozen=True)
 class ColourScale:
-    """log10 of a value -> a viridis colour, over whole decades [low, high]."""
+    """log10 of a ratio -> a viridis colour, over the whole decades [low, high]."""
 
-    low: int
-    high: int
+    low: int = -8
+    high: int = 0
     cmap: str = "viridis"
 
-    @classmethod
-    def spanning(cls, values: Sequence[float], cmap: str = "viridis") -> ColourScale | None:
-        logs = [math.log10(v) for v in values if v > 0 and math.isfinite(v)]
-        if not logs:
-            return None
-        low, high = math.floor(min(logs)), math.ceil(max(logs))
-        return cls(low, max(high, low + 1), cmap)
-
     def fraction(self, value: float) -> float:
+        """Where ``value`` lies on the scale, 0 (at or below 10^low) to 1 (at or above 10^high)."""
         if value <= 0:
             return 0.0
         if not math.isfinite(value):
@@ -83,9 +93,26 @@ class ColourScale:
         fill = "#{:02x}{:02x}{:02x}".format(*(round(255 * c) for c in (red, green, blue)))
         return fill, "white" if luminance < 0.45 else "black"
 
-    def ticks(self, most: int = 9) -> list[int]:
-        step = max(1, math.ceil((self.high - self.low) / (most - 1)))
-        return list(range(self.low, self.high + 1, step))
+    def ticks(self) -> list[int]:
+        return list(range(self.low, self.high + 1))
+
+
+#: The one scale of every diagram: a gradient RMS as a share of the model's strongest parameter
+#: gradient. A scale stretched to each picture's own range made a healthy network, whose
+#: gradients all lie within one decade, span the whole palette and look vanishing.
+SCALE = ColourScale()
+
+
+def strongest_parameter_gradient(diagnosis: Diagnosis) -> tuple[str, float] | None:
+    """(name, RMS) of the reference of the colours: the layer with the largest parameter-gradient
+    RMS, else the parameter node with the largest; None when no parameter has a finite gradient."""
+    candidates = [(layer.name, layer.grad_rms) for layer in diagnosis.layers
+                  if layer.grad_rms is not None and math.isfinite(layer.grad_rms) and layer.grad_rms > 0]
+    if not candidates:
+        candidates = [(name, health.stats.grad_rms) for name, health in diagnosis.nodes.items()
+                      if health.kind == "parameter" and health.stats.grad_rms is not None
+                      and math.isfinite(health.stats.grad_rms) and health.stats.grad_rms > 0]
+    return max(candidates, key=lambda pair: pair[1]) if candidates else None
 
 
 # --------------------------------------------------------------------------- what is drawn
@@ -148,6 +175,7 @@ def _units(model: Model, diagnosis: Diagnosis | None, collapse: list[str],
     units: dict[str, _Unit] = {}
     owner: dict[str, str] = {}
     by_parameters: set[str] = set()
+    output: dict[str, str] = {}  # collapsed unit id -> the node giving its output so far
 
     def collapsed_scope(layer: str | None) -> str | None:
         for scope in collapse:
@@ -155,21 +183,33 @@ def _units(model: Model, diagnosis: Diagnosis | None, collapse: list[str],
                 return scope
         return None
 
+    def follows(name: str) -> str | None:
+        """The collapsed unit an activation applied outside any layer joins: the one whose output
+        is its only input and feeds nothing else (``dense`` then ``sigmoid`` reads as one step)."""
+        node = graph.nodes[name]
+        if node.layer is not None or len(node.inputs) != 1 or graph.is_source(name):
+            return None
+        (source,) = node.inputs
+        uid = owner.get(source)
+        if uid is None or output.get(uid) != source or len(set(graph.consumers(source))) != 1:
+            return None
+        return uid
+
     for i, (name, node) in enumerate(graph.nodes.items()):
         if isinstance(node.op, Constant) and not constants:
             continue
         health: NodeHealth | None = diagnosis.nodes.get(name) if diagnosis else None
         scope = collapsed_scope(node.layer)
-        if scope is None:
+        uid = f"L{collapse.index(scope)}" if scope is not None else follows(name) if collapse else None
+        if uid is None:
             unit = _Unit(f"n{i}", name, node.kind, node.shape, node.dtype, _params(model, name),
                          health.stats if health else None, health.relative if health else None,
                          list(health.flags) if health else [], [name], node.layer, node.origin)
             units[unit.id] = unit
             owner[name] = unit.id
             continue
-        uid = f"L{collapse.index(scope)}"  # no ':' in ids: DOT reads it as a port
         unit = units.get(uid)
-        if unit is None:
+        if unit is None:  # no ':' in ids: DOT reads it as a port
             unit = units[uid] = _Unit(uid, scope, kinds.get(scope, "layer"), node.shape, node.dtype,
                                       cluster=scope.rsplit("/", 1)[0] if "/" in scope else None)
             layer = layers.get(scope)
@@ -179,19 +219,41 @@ def _units(model: Model, diagnosis: Diagnosis | None, collapse: list[str],
                 unit.relative = layer.relative
                 unit.flags = list(layer.flags)
                 by_parameters.add(uid)
+        elif scope is None:
+            unit.kind += f" + {node.kind}"
         unit.members.append(name)
         unit.params += _params(model, name)
         if not isinstance(node.op, (Parameter, Constant)):
             unit.shape, unit.dtype = node.shape, node.dtype  # ends as the layer's output
+            output[uid] = name
             if health is not None and uid not in by_parameters:
                 unit.stats, unit.relative = health.stats, health.relative  # likewise
         if health is not None:
             unit.flags += [f for f in health.flags if f in ("dead", "saturated", "exploding")
                            and f not in unit.flags]
         owner[name] = uid
+    _lift_lonely(units)
     for unit in units.values():  # by severity: the first flag sets the border
         unit.flags.sort(key=list(BORDERS).index)
     return units, owner
+
+
+def _lift_lonely(units: Mapping[str, _Unit]) -> None:
+    """A layer box around a single node says nothing its label does not: draw the node in the
+    enclosing box instead (innermost first, so nested one-node boxes all go)."""
+    while True:
+        holding: dict[str, int] = {}
+        for unit in units.values():
+            scope = unit.cluster
+            while scope:
+                holding[scope] = holding.get(scope, 0) + 1
+                scope = scope.rsplit("/", 1)[0] if "/" in scope else None
+        lonely = {scope for scope, count in holding.items() if count == 1}
+        if not lonely:
+            return
+        for unit in units.values():
+            if unit.cluster in lonely:
+                unit.cluster = unit.cluster.rsplit("/", 1)[0] if "/" in unit.cluster else None
 
 
 # --------------------------------------------------------------------------- DOT
@@ -211,10 +273,10 @@ def to_dot(model: Model, source: GradientMonitor | Record | Sequence[Record] | N
         raise GraphEngineError(f"rankdir must be one of {RANKDIRS}, got {rankdir!r}")
     diagnosis = _resolve(model, source, diagnosis, forward_only, window, thresholds)
     units, owner = _units(model, diagnosis, _scopes_to_collapse(model, collapse), constants)
-    scale = ColourScale.spanning([u.stats.grad_rms for u in units.values()
-                                  if u.stats and u.stats.grad_rms is not None and u.shape])
+    strongest = strongest_parameter_gradient(diagnosis) if diagnosis is not None else None
     edges = _edges(model, diagnosis, owner)
-    edge_scale = ColourScale.spanning([norm for *_, norm in edges.values() if norm is not None])
+    norms = [norm for *_, norm in edges.values() if norm is not None and math.isfinite(norm)]
+    top_edge = max(norms, default=0.0) or None
 
     dot = graphviz.Digraph(model.graph.name, graph_attr={
         "rankdir": rankdir, "fontname": FONT, "fontsize": "11", "nodesep": "0.22", "ranksep": "0.32",
@@ -225,11 +287,17 @@ def to_dot(model: Model, source: GradientMonitor | Record | Sequence[Record] | N
     clusters: dict[str | None, list[_Unit]] = {}
     for unit in units.values():
         clusters.setdefault(unit.cluster, []).append(unit)
-    _draw_clusters(dot, _Drawing(model, diagnosis, scale, clusters, _besides(model, units, owner)), None)
+    reference = strongest[1] if strongest else None
+    _draw_clusters(dot, _Drawing(model, diagnosis, reference, clusters, _besides(model, units, owner)),
+                   None)
     for (tail, head), (shape, dtype, rms, norm) in edges.items():
-        dot.edge(tail, head, **_edge_attrs(units[tail], units[head], shape, dtype, rms, norm, edge_scale))
-    if scale is not None:
-        dot.node("legend", _legend(scale, diagnosis.thresholds), shape="plaintext", margin="0")
+        dot.edge(tail, head, **_edge_attrs(units[tail], units[head], shape, dtype, rms, norm, top_edge))
+    if strongest is not None:
+        with dot.subgraph() as foot:  # alone on the last rank: below the graph, not widening it
+            foot.attr(rank="sink")
+            foot.node("legend", _legend(strongest, diagnosis.thresholds), shape="plaintext", margin="0")
+        # ranks are counted per connected part: tie the legend to the graph's last node
+        dot.edge(list(units)[-1], "legend", style="invis")
     return dot
 
 
@@ -252,15 +320,15 @@ def _title(model: Model, diagnosis: Diagnosis | None) -> str:
         return f"{model.graph.name}: structure (no gradient statistics)"
     flagged = {f.flag for f in diagnosis.findings} & set(BORDERS)
     verdict = ("flags: " + ", ".join(sorted(flagged))) if flagged else "no flags"
-    return (f"{model.graph.name}: gradient flow at step {diagnosis.step} (epoch {diagnosis.epoch}), "
-            f"{verdict}")
+    return f"{model.graph.name}: gradient flow {diagnosis.when()}, {verdict}"
 
 
 @dataclass
 class _Drawing:
     model: Model
     diagnosis: Diagnosis | None
-    scale: ColourScale | None
+    #: the strongest parameter gradient RMS: a fill is a node's gradient RMS over it
+    reference: float | None
     clusters: dict[str | None, list[_Unit]]
     #: unit id -> the unit it is drawn beside (a parameter next to the operator using it)
     beside: dict[str, str]
@@ -285,7 +353,7 @@ def _besides(model: Model, units: Mapping[str, _Unit], owner: Mapping[str, str])
 def _draw_clusters(dot: graphviz.Digraph, drawing: _Drawing, scope: str | None) -> None:
     model, diagnosis, clusters = drawing.model, drawing.diagnosis, drawing.clusters
     for unit in clusters.get(scope, []):
-        dot.node(unit.id, **_node_attrs(model, unit, drawing.scale))
+        dot.node(unit.id, **_node_attrs(model, unit, drawing.reference))
     for unit in clusters.get(scope, []):
         if unit.id in drawing.beside:
             with dot.subgraph() as level:
@@ -301,7 +369,8 @@ def _draw_clusters(dot: graphviz.Digraph, drawing: _Drawing, scope: str | None) 
             flags = layer.flags if layer else []
             params = sum(u.params for s, us in clusters.items() if s and (s == child or _inside(s, child))
                          for u in us)
-            label = f"{child.rsplit('/', 1)[-1]} · {kinds.get(child, 'layer')} · {params:,} params"
+            label = f"{child.rsplit('/', 1)[-1]} · {kinds.get(child, 'layer')}"
+            label += f" · {params:,} params" if params else ""
             label = _text([label, *(_badge(flag, layer.relative if layer else None, None) for flag in flags)])
             tooltip = [f"layer {child} ({kinds.get(child, 'layer')}), {params:,} parameters"]
             if layer is not None and layer.grad_rms is not None:
@@ -310,7 +379,10 @@ def _draw_clusters(dot: graphviz.Digraph, drawing: _Drawing, scope: str | None) 
                     ("relative to the strongest layer", layer.relative),
                     ("update/weight ratio", layer.update_ratio)) if value is not None]
             style = "rounded" + (",dashed" if "vanishing" in flags else ",bold" if flags else "")
-            sub.attr(label=label, style=style, color="#555555", bgcolor="#fafafa", fontsize="10",
+            fill, ink = "#fafafa", "black"
+            if layer is not None and layer.grad_rms is not None and drawing.reference:
+                fill, ink = SCALE.colours(layer.grad_rms / drawing.reference)
+            sub.attr(label=label, style=style, color="#555555", bgcolor=fill, fontcolor=ink, fontsize="10",
                      tooltip=_text(tooltip), penwidth="2" if flags else "1", labeljust="l")
             _draw_clusters(sub, drawing, child)
 
@@ -339,7 +411,7 @@ def _badge(flag: str, relative: float | None, stats: NodeStats | None) -> str:
     return f"[{flag.upper()}]"
 
 
-def _node_attrs(model: Model, unit: _Unit, scale: ColourScale | None) -> dict[str, str]:
+def _node_attrs(model: Model, unit: _Unit, reference: float | None) -> dict[str, str]:
     node = model.graph.nodes.get(unit.name)
     op = node.op if node is not None else None
     inside = unit.cluster and unit.name.startswith(unit.cluster + "/")
@@ -351,7 +423,7 @@ def _node_attrs(model: Model, unit: _Unit, scale: ColourScale | None) -> dict[st
     if stats is not None and stats.grad_rms is not None:
         lines.append(f"grad rms {stats.grad_rms:.1e}")
     lines += [_badge(flag, unit.relative, stats) for flag in unit.flags]
-    attrs = {"label": _text(lines), "tooltip": _tooltip(model, unit)}
+    attrs = {"label": _text(lines), "tooltip": _tooltip(model, unit, reference)}
     if isinstance(op, Input):
         attrs["shape"] = "invhouse"
     elif isinstance(op, Parameter):
@@ -363,8 +435,8 @@ def _node_attrs(model: Model, unit: _Unit, scale: ColourScale | None) -> dict[st
     else:
         attrs["shape"] = "box"
     styles = ["filled"] + (["rounded"] if isinstance(op, Parameter) or op is None else [])
-    if stats is not None and stats.grad_rms is not None and scale is not None and unit.shape:
-        attrs["fillcolor"], attrs["fontcolor"] = scale.colours(stats.grad_rms)
+    if stats is not None and stats.grad_rms is not None and reference and unit.shape:
+        attrs["fillcolor"], attrs["fontcolor"] = SCALE.colours(stats.grad_rms / reference)
     else:
         attrs["fillcolor"] = NO_GRADIENT_FILL if not isinstance(op, Constant) else "white"
     if unit.flags:
@@ -377,7 +449,7 @@ def _node_attrs(model: Model, unit: _Unit, scale: ColourScale | None) -> dict[st
     return attrs
 
 
-def _tooltip(model: Model, unit: _Unit) -> str:
+def _tooltip(model: Model, unit: _Unit, reference: float | None) -> str:
     lines = [f"{unit.name} ({unit.kind})", f"output {shape_text(unit.shape)} {unit.dtype}"]
     node = model.graph.nodes.get(unit.name)
     if node is not None and node.op.config():
@@ -389,7 +461,10 @@ def _tooltip(model: Model, unit: _Unit) -> str:
     s = unit.stats
     if s is not None:
         for label, value in (("gradient RMS", s.grad_rms), ("gradient L2 norm", s.grad_norm),
-                             ("max |gradient|", s.grad_max), ("relative to the strongest", unit.relative),
+                             ("max |gradient|", s.grad_max),
+                             ("share of the strongest parameter gradient (the fill)",
+                              s.grad_rms / reference if reference and s.grad_rms is not None else None),
+                             ("relative to the strongest comparable", unit.relative),
                              ("update/weight ratio", s.update_ratio)):
             if value is not None:
                 lines.append(f"{label} {_fmt(value)}")
@@ -437,43 +512,44 @@ def _receives_gradient(diagnosis: Diagnosis, name: str) -> bool:
 
 
 def _edge_attrs(tail: _Unit, head: _Unit, shape: tuple, dtype: str, rms: float | None,
-                norm: float | None, scale: ColourScale | None) -> dict[str, str]:
+                norm: float | None, top: float | None) -> dict[str, str]:
     tooltip = [f"{tail.name} -> {head.name}: {shape_text(shape)} {dtype}"]
     attrs = {"tooltip": _text(tooltip)}
     if tail.kind not in ("parameter", "constant"):
         # the data path: labelled, and kept straight by the layout
         attrs.update(label=shape_text(shape), weight="4")
-    if norm is None or scale is None:
+    if norm is None or top is None:
         attrs["color"] = "#9a9a9a"
         return attrs
     tooltip.append(f"gradient flowing back: RMS {_fmt(rms)}, L2 norm {_fmt(norm)}")
     attrs["tooltip"] = _text(tooltip)
-    attrs["penwidth"] = f"{0.6 + 4.4 * scale.fraction(norm):.2f}"
+    attrs["penwidth"] = f"{0.6 + 4.4 * SCALE.fraction(norm / top):.2f}"
     attrs["color"] = "#303030"
     return attrs
 
 
-def _legend(scale: ColourScale, thresholds: Any) -> str:
-    ticks = scale.ticks()
+def _legend(strongest: tuple[str, float], thresholds: Any) -> str:
+    ticks = SCALE.ticks()
     cells = "".join(
-        '<TD BGCOLOR="{}" WIDTH="30"><FONT COLOR="{}" POINT-SIZE="9">{}</FONT></TD>'.format(
-            *scale.colours(10.0 ** t), f"1e{t}") for t in ticks)
+        '<TD BGCOLOR="{}" WIDTH="26"><FONT COLOR="{}" POINT-SIZE="8">{}</FONT></TD>'.format(
+            *SCALE.colours(10.0 ** t), "1" if t == 0 else f"1e{t}") for t in ticks)
     span = len(ticks)
-    meaning = {"exploding": f"grad RMS &gt; {thresholds.exploding:g} or NaN/Inf",
-               "vanishing": f"grad RMS &lt; {thresholds.vanishing:g} x the strongest comparable",
+    meaning = {"exploding": f"RMS &gt; {thresholds.exploding:g} or NaN/Inf",
+               "vanishing": f"&lt; {thresholds.vanishing:g} x the strongest comparable",
                "dead": f"&#8805; {100 * thresholds.dead:.0f}% of ReLU units never active",
-               "saturated": f"&#8805; {100 * thresholds.saturated:.0f}% of sigmoid/tanh outputs "
-                            f"in flat tails"}
+               "saturated": f"&#8805; {100 * thresholds.saturated:.0f}% of outputs in flat tails"}
     style = {"exploding": ' STYLE="solid" BORDER="3"', "vanishing": ' STYLE="dashed" BORDER="2"',
              "dead": ' STYLE="dotted" BORDER="2"', "saturated": ' BORDER="1"'}
     rows = "".join(
         f'<TR><TD COLSPAN="{span}"{style[flag]} ALIGN="LEFT">[{flag.upper()}] {BORDER_WORDS[flag]}: '
         f'{meaning[flag]}</TD></TR>' for flag in BORDERS)
-    return (f'<<TABLE BORDER="0" CELLBORDER="0" CELLSPACING="2" CELLPADDING="3">'
-            f'<TR><TD COLSPAN="{span}"><B>fill: gradient RMS (log scale)</B></TD></TR>'
+    name, value = strongest
+    return (f'<<TABLE BORDER="0" CELLBORDER="0" CELLSPACING="1" CELLPADDING="2">'
+            f'<TR><TD COLSPAN="{span}"><B>fill: gradient RMS / strongest parameter gradient</B></TD></TR>'
+            f'<TR><TD COLSPAN="{span}">(1 = {name}, {value:.1e}; the same scale in every diagram)</TD></TR>'
             f'<TR>{cells}</TR>{rows}'
             f'<TR><TD COLSPAN="{span}" ALIGN="LEFT">edge width: gradient norm flowing back; '
-            f'grey: no gradient. Hover (SVG) for exact numbers.</TD></TR></TABLE>>')
+            f'grey: none</TD></TR></TABLE>>')
 
 
 # --------------------------------------------------------------------------- files
@@ -491,34 +567,61 @@ def stats_table(model: Model, diagnosis: Diagnosis | None) -> str:
 
 def render(model: Model, path: str | os.PathLike,
            source: GradientMonitor | Record | Sequence[Record] | None = None, *,
-           format: str | None = None, keep_source: bool = False, diagnosis: Diagnosis | None = None,
-           forward_only: bool = False, window: int = 5, **options: Any) -> Path:
+           data: Mapping[str, Any] | None = None, format: str | None = None, keep_source: bool = False,
+           diagnosis: Diagnosis | None = None, forward_only: bool = False, window: int = 5,
+           **options: Any) -> Path:
     """Draw ``model`` to ``path`` (.svg, .png or .pdf, or ``format=``); returns the path.
 
-    Options are those of :func:`to_dot` (``rankdir``, ``collapse``, ``forward_only``, ...).
-    ``keep_source=True`` also keeps the ``.gv`` DOT file next to it.
+    The gradients drawn are those recorded while training (the model's monitor), or ``source``,
+    or, with ``data=`` (a batch: input name -> array), a fresh snapshot of one forward and
+    backward pass on it (no update). Options are those of :func:`to_dot` (``rankdir``,
+    ``collapse``, ...). Only ``path`` is written; ``keep_source=True`` also writes the DOT source
+    next to it (same name, ``.gv``). A drawing without gradient statistics says so on stderr.
     """
     path = Path(path)
     fmt = (format or path.suffix.lstrip(".")).lower()
     if fmt not in FORMATS:
         raise GraphEngineError(f"cannot render {path.name!r}: the format {fmt!r} is not one of "
                                f"{FORMATS}; pick it with the file suffix or format=")
+    if data is not None:
+        if source is not None or diagnosis is not None:
+            raise GraphEngineError("render: pass data= (a batch to snapshot) or source=/diagnosis=, "
+                                   "not both")
+        if not forward_only:
+            source = snapshot(model, data)
     thresholds = {k: options.pop(k) for k in THRESHOLDS if k in options}
     diagnosis = _resolve(model, source, diagnosis, forward_only, window, thresholds)
+    if diagnosis is None and not forward_only:
+        print(f"graphengine.viz.render: {model.graph.name!r} has no gradient statistics, so {path} "
+              f"shows its structure alone; train it with fit() or pass data=<a batch> to draw the "
+              f"gradient flow (forward_only=True draws the structure without this note)",
+              file=sys.stderr)
     dot = to_dot(model, diagnosis=diagnosis, forward_only=forward_only, **options)
     path.parent.mkdir(parents=True, exist_ok=True)
-    gv = path.with_suffix(".gv")
-    dot.save(gv)
+    if keep_source:
+        dot.save(path.with_suffix(".gv"))
     try:
-        graphviz.render("dot", fmt, gv, outfile=path, quiet=True)
+        picture = dot.pipe(format=fmt, quiet=True)
     except graphviz.ExecutableNotFound:
-        table = path.with_suffix(".txt")
-        table.write_text(stats_table(model, diagnosis))
-        raise GraphvizMissingError(
-            f"the Graphviz 'dot' program is not installed, so {path} was not drawn. Wrote the diagram "
-            f"source {gv} (draw it later with: dot -T{fmt} {gv} -o {path}) and the numbers as a text "
-            f"table {table}. Install Graphviz: apt-get install graphviz (Debian/Ubuntu), "
-            f"brew install graphviz (macOS) or conda install graphviz.") from None
-    if not keep_source:
-        gv.unlink()
+        raise _missing_dot(model, dot, diagnosis, path, fmt, keep_source) from None
+    path.write_bytes(picture)
     return path
+
+
+def _missing_dot(model: Model, dot: graphviz.Digraph, diagnosis: Diagnosis | None, path: Path,
+                 fmt: str, keep_source: bool) -> GraphvizMissingError:
+    """Keep what can be kept without ``dot``, in a new directory: files next to ``path`` (the
+    user's own ``graph.txt`` or ``graph.gv``) are never overwritten unasked."""
+    folder = Path(tempfile.mkdtemp(prefix="graphengine-render-"))
+    gv = path.with_suffix(".gv") if keep_source else folder / f"{path.stem}.gv"
+    if not keep_source:
+        dot.save(gv)
+    table = folder / f"{path.stem}.txt"
+    table.write_text(stats_table(model, diagnosis))
+    error = GraphvizMissingError(
+        f"the Graphviz 'dot' program is not installed, so {path} was not drawn. The diagram source "
+        f"is in {gv} (draw it later with: dot -T{fmt} {gv} -o {path}) and the numbers, as a text "
+        f"table, in {table}. Install Graphviz: apt-get install graphviz (Debian/Ubuntu), "
+        f"brew install graphviz (macOS) or conda install graphviz.")
+    error.source_path, error.table_path = gv, table
+    return error

@@ -108,6 +108,10 @@ class Loss:
 
     #: The dtype family the target must have: "float" or "int".
     target_kind: ClassVar[str] = "float"
+    #: The activation this loss applies to its prediction itself (softmax cross-entropy from
+    #: logits: "softmax"), if any: a prediction that is that activation's output is a mistake
+    #: (it is applied twice), and ``g.loss`` warns of it.
+    applies_activation: ClassVar[str | None] = None
 
     def __init__(self, **config: Any) -> None:
         if config:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import numbers
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -17,7 +19,15 @@ from typing import TYPE_CHECKING, Any
 import networkx as nx
 import numpy as np
 
-from ..errors import GraphBuildError, GraphEngineError, ShapeError
+from ..errors import (
+    GraphBuildError,
+    GraphEngineError,
+    ShapeError,
+    checked_keywords,
+    option_names,
+    positional_hint,
+    unknown_options,
+)
 from ..hooks import get_plugin_manager
 from ..ir.contracts import ActivationOp, LossOp
 from ..ir.operators import (
@@ -36,6 +46,11 @@ if TYPE_CHECKING:
     from ..ir.contracts import Optimizer
     from ..model import Model  # noqa: F401 (the type compile() returns)
     from ..runtime.backend import Backend
+    from ..train.regularization import Schedule
+
+class GraphBuildWarning(UserWarning):
+    """A graph that builds but is probably not what was meant (softmax applied twice, ...)."""
+
 
 #: What ``Graph.compile`` builds (the engine's ``Model``), set by ``graphengine.model`` when it is
 #: imported: a graph is a description and does not import the runtime that runs it.
@@ -386,6 +401,11 @@ class Graph:
     def layer(self, kind: str, *inputs: Tensor, name: str | None = None, **config: Any) -> Tensor:
         """Build a registered layer: ``g.layer("dense", x, units=128, name="fc1")``."""
         entry = get_plugin_manager().layers.entry(kind)
+        count = len(inputs)
+        while count and _looks_like_option(inputs[count - 1]):
+            count -= 1
+        if count < len(inputs):
+            _positional_options(entry, "layer", kind, inputs[count:], config)
         self._check_inputs(f"layer {kind!r}", inputs)
         layer = _construct(entry, "layer", kind, config)
         scope = self._layer_scope(name, kind)
@@ -421,10 +441,10 @@ class Graph:
                                       f"{name!r}; pass another name=")
             return name
         n = self._counters.get(f"layer:{kind}", 0)
-        while taken(f"{kind}{n}"):
+        while taken(f"{kind}_{n}"):
             n += 1
         self._counters[f"layer:{kind}"] = n + 1
-        return f"{kind}{n}"
+        return f"{kind}_{n}"
 
     def activation(self, kind: str, x: Tensor, name: str | None = None, **config: Any) -> Tensor:
         """Apply a registered activation: ``g.activation("relu", h)``."""
@@ -434,6 +454,8 @@ class Graph:
             raise GraphBuildError(f"{kind!r} is a layer, not an activation (it learns parameters): "
                                   f"use g.layer({kind!r}, x, ...) on input {x.name!r}")
         entry = manager.activations.entry(kind)
+        if name is not None and not isinstance(name, str):  # an option, given by position
+            _positional_options(entry, "activation", kind, [name], config)
         activation = _construct(entry, "activation", kind, config)
         call = {"call": "activation", "kind": kind, "inputs": [x.name], "name": name,
                 "config": config}
@@ -444,8 +466,19 @@ class Graph:
              **config: Any) -> Tensor:
         """Apply a registered loss to a prediction and a target: a scalar tensor."""
         entry = get_plugin_manager().losses.entry(kind)
+        if name is not None and not isinstance(name, str):  # an option, given by position
+            _positional_options(entry, "loss", kind, [name], config)
         self._check_inputs(f"loss {kind!r}", [pred, target])
         loss = _construct(entry, "loss", kind, config)
+        applied = getattr(loss, "applies_activation", None)
+        op = pred.node.op
+        if applied is not None and isinstance(op, ActivationOp) and op.kind == applied:
+            warnings.warn(
+                f"loss {kind!r} applies {applied} to its prediction itself, and its prediction "
+                f"{pred.name!r} is the output of {applied} already: {applied} is applied twice, "
+                f"which shrinks the gradients and slows training. Feed the loss the input of "
+                f"{pred.name!r} (the logits); model.predict still returns probabilities",
+                GraphBuildWarning, stacklevel=2)
         call = {"call": "loss", "kind": kind, "inputs": [pred.name, target.name], "name": name,
                 "config": config}
         with self._recording(call):
@@ -467,23 +500,35 @@ class Graph:
 
     # -- compiling -------------------------------------------------------------------------
 
+    @checked_keywords
     def compile(self, loss: Tensor | None = None, *, outputs: Sequence[Tensor] | None = None,
                 optimizer: Optimizer | str | None = None, backend: str | Backend = "numpy",
                 seed: int = 0, parameters: dict[str, Any] | None = None,
-                **options: Any) -> Model:
+                initial_values: Mapping[str, Any] | None = None,
+                regularizer: Any = None, constraint: Any = None, clip_norm: float | None = None,
+                clip_value: float | None = None, schedule: Schedule | None = None,
+                metrics: Any = None) -> Model:
         """Compile into a :class:`Model`: validate, prune to what ``loss`` and ``outputs``
         need, order, plan memory, initialize parameters.
 
         ``outputs`` are what ``predict`` returns; by default the loss's prediction (through the
         loss's link, e.g. softmax probabilities). ``parameters`` shares existing arrays by name
-        (another model's, say) instead of initializing new ones. ``regularizer``, ``constraint``,
+        (another model's, say) instead of initializing new ones; ``initial_values`` gives host
+        arrays by name that the new model copies and owns instead of running initializers (what
+        ``ge.load`` does). ``regularizer``, ``constraint``,
         ``clip_norm``, ``clip_value`` and ``schedule`` attach weight penalties, max-norm, gradient
         clipping and a learning-rate schedule (see :mod:`graphengine.train.regularization`).
+        ``metrics`` are what ``fit`` and ``evaluate`` report beside the loss: ``"mae"``,
+        ``"rmse"``, ``"r2"``, ``"top5_accuracy"``, or functions ``fn(pred, target) -> float``
+        (see :mod:`graphengine.train.metrics`).
         """
         if compiler is None:
             raise GraphEngineError("graphengine's runtime is not loaded: import graphengine")
         return compiler(self, loss=loss, outputs=outputs, optimizer=optimizer, backend=backend,
-                     seed=seed, parameters=parameters, **options)
+                        seed=seed, parameters=parameters, initial_values=initial_values,
+                        regularizer=regularizer,
+                        constraint=constraint, clip_norm=clip_norm, clip_value=clip_value,
+                        schedule=schedule, metrics=metrics)
 
 
 def _scopes_of(name: str) -> Iterator[str]:
@@ -498,10 +543,31 @@ def _construct(entry: Any, what: str, kind: str, config: dict[str, Any]) -> Any:
     try:
         return entry.obj(**config)
     except (GraphEngineError, TypeError, ValueError) as exc:
+        # A misspelt option gets a did-you-mean and the options there are.
+        hint = None
+        if isinstance(exc, TypeError) and not isinstance(exc, GraphEngineError):
+            hint = unknown_options(entry.obj, config)
         # The plugin's own error class is kept; the message gains which plugin and arguments.
         error = type(exc) if isinstance(exc, GraphEngineError) else GraphBuildError
-        raise error(f"{what} {kind!r} from {entry.origin()} rejected its arguments "
-                    f"{config}: {exc}") from None
+        raise error(f"{what} {kind!r} from {entry.origin()} rejected its arguments {config}: "
+                    f"{exc}{'.' + hint if hint else ''}") from None
+
+
+def _looks_like_option(value: Any) -> bool:
+    """Whether a value given where inputs go is an option given by position (``10`` for
+    units) rather than a misplaced array or tensor."""
+    return isinstance(value, (numbers.Number, tuple, list))
+
+
+def _positional_options(entry: Any, what: str, kind: str, values: Sequence[Any],
+                        config: Mapping[str, Any]) -> None:
+    """Refuse options given by position, saying which keywords they were meant for."""
+    names = option_names(entry.obj, config)
+    shown = ", ".join(repr(v) for v in values)
+    raise GraphBuildError(
+        f"{what} {kind!r}: {shown} given by position, where {what} options are keywords: "
+        f"{positional_hint(values, names)}"
+        + (f" (options of {kind!r}: {', '.join(names)})" if names else ""))
 
 
 def _check_shape(shape: Any, what: str) -> Shape:

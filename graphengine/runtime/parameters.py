@@ -41,10 +41,13 @@ class ParameterStore:
     read have changed since, at the cost of one integer comparison per step."""
 
     def __init__(self, graph: Graph, backend: Backend, seed: int,
-                 shared: Mapping[str, Any] | None = None) -> None:
+                 shared: Mapping[str, Any] | None = None,
+                 initial: Mapping[str, Any] | None = None) -> None:
+        """``shared``: arrays of this backend used as they are (another model's); ``initial``:
+        host arrays copied in instead of running the initializers (a loaded file's)."""
         self.graph = graph
         self.backend = backend
-        shared = shared or {}
+        shared, initial = shared or {}, initial or {}
         self.arrays: dict[str, Any] = {}
         for name, node in graph.nodes.items():
             if not isinstance(node.op, Parameter):
@@ -55,6 +58,12 @@ class ParameterStore:
                 if tuple(value.shape) != node.shape:
                     raise CompileError(f"shared parameter {name!r} has shape {value.shape}, "
                                        f"the graph needs {node.shape}")
+            elif name in initial:
+                value = np.asarray(initial[name])
+                if value.shape != node.shape:
+                    raise CompileError(f"initial value of parameter {name!r} has shape "
+                                       f"{value.shape}, the graph needs {node.shape}")
+                value = backend.asarray(value, dtype=node.dtype)
             else:
                 value = backend.asarray(initial_value(name, node.op, seed))
             self.arrays[name] = value

@@ -189,10 +189,16 @@ class GradientMonitor(Observer):
 
     # -- attaching -------------------------------------------------------------------------
 
+    #: Attached by ``fit`` rather than by the user: a monitor the user attaches replaces it.
+    automatic = False
+
     def attach(self, model: Model) -> GradientMonitor:
         if self in model.observers:
             return self
-        if find_monitor(model) is not None:
+        existing = find_monitor(model)
+        if existing is not None and existing.automatic:
+            existing.detach(model)
+        elif existing is not None:
             raise GraphEngineError("this model already has a GradientMonitor; use find_monitor(model)")
         model.observers.append(self)
         return self

@@ -3,17 +3,21 @@ fitting of data-fitted layers (preprocessing) before training."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import DataError, GraphEngineError, NumericalError, require_int
+from ..errors import DataError, GraphEngineError, NumericalError, checked_keywords, require_int
 from ..hooks import get_plugin_manager
 from ..ir.contracts import LossOp
+from ..tools.monitor import GradientMonitor, find_monitor
+from .metrics import Meter, Metric, get_metrics
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -114,7 +118,27 @@ class Checkpoint(Callback):
     def __init__(self, path: str | os.PathLike, every: int = 1, training_state: bool = True) -> None:
         every = require_int(every, "Checkpoint every", 1, GraphEngineError)
         self.path, self.every, self.training_state = os.fspath(path), every, training_state
+        self._check_path()
         self.saved: list[str] = []
+
+    def _check_path(self) -> None:
+        """Fail now, not after the first epoch's training: a pattern ``str.format`` cannot fill
+        with ``epoch`` alone, or a directory that does not exist or cannot be written."""
+        try:
+            example = self.path.format(epoch=1)
+        except (IndexError, KeyError, ValueError, AttributeError, TypeError) as exc:
+            raise GraphEngineError(
+                f"Checkpoint path {self.path!r} is not a valid pattern ({type(exc).__name__}: "
+                f"{exc}): it may hold {{epoch}} and nothing else in braces; write a literal "
+                f"brace as {{{{ or }}}}") from None
+        directory = os.path.dirname(os.path.abspath(example))
+        if os.path.dirname(self.path) != os.path.dirname(self.path.format(epoch=2)):
+            return  # one directory per epoch: each is checked when its save comes
+        if not os.path.isdir(directory):
+            raise GraphEngineError(f"Checkpoint directory {directory!r} does not exist (or is not "
+                                   f"a directory): create it first (os.makedirs)")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise GraphEngineError(f"Checkpoint directory {directory!r} is not writable")
 
     def _save(self, model: Model) -> None:
         path = self.path.format(epoch=model.epoch)
@@ -168,33 +192,143 @@ def batches(data: Mapping[str, Any], n: int, batch_size: int,
             yield {k: v[index] if isinstance(v, np.ndarray) else v[rows] for k, v in data.items()}
 
 
-def _loss_parts(model: Model) -> tuple[LossOp | None, str | None, str | None]:
+def _loss_parts(model: Model, metrics: Sequence[Metric] = ()
+                ) -> tuple[LossOp | None, str | None, str | None]:
+    """The loss operator, its prediction and its target, where the loss is a registered one."""
     node = model.graph.nodes[model.loss_name]
     if isinstance(node.op, LossOp):
         return node.op, node.inputs[0], node.inputs[1]
+    if metrics:
+        raise GraphEngineError(f"metrics {[m.name for m in metrics]} need a loss built with "
+                               f"g.loss(kind, prediction, target); the loss "
+                               f"{model.loss_name!r} is built by hand, so the prediction and the "
+                               f"target are not known")
     return None, None, None
 
 
-def _progress(enabled: bool | None, total: int, desc: str):
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
+#: Steps between the gradient statistics ``fit`` records by default (see ``monitor=``). A
+#: recorded step and the one after it cost about two extra steps on the deep narrow MLP, whose
+#: steps are mostly per-operator overhead (``benchmarks/monitor_overhead.py``: 2.1% of training
+#: time at 100 steps), so 200 keeps the cost near 1%, under the 2% allowed.
+MONITOR_EVERY = 200
+
+#: What ``fit`` takes as data: one dataset dict, or batch dicts (a list, a generator, ...).
+Data = Mapping[str, Any] | Iterable[Mapping[str, Any]]
+
+
+def _progress(verbose: int, total: int | None, desc: str):
+    if verbose < 2:
         return None
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # a widget in notebooks, text on a terminal or in a pipe
     return tqdm(total=total, desc=desc, leave=False, unit="batch")
 
 
-def fit(model: Model, data: Mapping[str, Any], *, epochs: int = 1, batch_size: int = 32,
-        shuffle: bool = True, validation: Mapping[str, Any] | None = None,
-        callbacks: Sequence[Callback] = (), progress: bool | None = None,
-        history: History | None = None) -> History:
-    """Train ``model`` on ``data`` (input name -> array, targets included) for ``epochs``.
+def _epoch_line(epoch: int, last: int, logs: Mapping[str, float], seconds: float) -> str:
+    """``epoch 3/10  loss 0.2345  accuracy 0.95  val_loss 0.3  (0.12 s)``; the 0/1 error,
+    which is 1 - accuracy, is left to the History."""
+    width = len(str(last))
+    values = "  ".join(f"{k} {v:.4g}" for k, v in logs.items() if not k.endswith("error"))
+    return f"epoch {epoch:>{width}}/{last}  {values}  ({seconds:.2f} s)"
 
-    Each epoch shuffles (``shuffle=True``), runs mini-batches of ``batch_size`` (the whole set
-    for full-batch gradient descent, 1 for stochastic), then evaluates on ``validation`` if
-    given. Returns a :class:`History` with ``loss``, ``accuracy``, ``error`` (0/1 error, where
-    the loss defines accuracy) and their ``val_`` counterparts per epoch.
-    ``progress`` shows a tqdm bar (default: only on a terminal).
+
+def _data_fitted_calls(model: Model) -> Iterator[dict[str, Any]]:
+    """The builder calls of the model's data-fitted layers (preprocessing), in graph order."""
+    layers = get_plugin_manager().layers
+    for call in model.graph.calls:
+        if call["call"] == "layer" and hasattr(layers.get(call["kind"]), "fit_data"):
+            yield call
+
+
+class _Batches:
+    """The batches of each epoch, from a dataset dict (shuffled, sliced) or from batch dicts
+    (an iterable, walked once per epoch, or an iterator, read on across epochs)."""
+
+    def __init__(self, model: Model, data: Data, epochs: int, batch_size: int, shuffle: bool,
+                 steps_per_epoch: int | None) -> None:
+        self.model, self.shuffle, self.steps = model, shuffle, steps_per_epoch
+        self.batch_size = require_int(batch_size, "batch_size", 1, DataError)
+        if isinstance(data, Mapping):
+            self.n = dataset_length(data)
+            if self.batch_size > self.n:
+                raise DataError(f"batch_size {self.batch_size} is larger than the dataset "
+                                f"({self.n} rows); use batch_size={self.n} for full-batch "
+                                f"gradient descent")
+            self.data: Any = {k: model.feed_array(k, v) for k, v in data.items()}
+            return
+        if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+            raise DataError(f"fit() takes a dataset dict (input name -> array) or an iterable of "
+                            f"batch dicts, got {type(data).__name__}")
+        self.n, self.data = None, data
+        if iter(data) is data and steps_per_epoch is None and epochs > 1:
+            raise DataError(f"a generator or iterator of batches is used up after one pass, and "
+                            f"fit() was asked for {epochs} epochs: pass steps_per_epoch=N (N "
+                            f"batches make an epoch), or a list of batches, or an object whose "
+                            f"__iter__ starts the batches afresh")
+        unfitted = [c["name"] for c in _data_fitted_calls(model) if c["name"] not in model.fitted_layers]
+        if unfitted:
+            raise DataError(f"data-fitted layers {unfitted} need the whole training set, which a "
+                            f"stream of batches does not give: call "
+                            f"model.fit_preprocessing(dataset_dict) before fit()")
+
+    @property
+    def per_epoch(self) -> int | None:
+        """Batches per epoch where known beforehand (for the progress bar)."""
+        if self.n is not None:
+            return math.ceil(self.n / self.batch_size)
+        if self.steps is not None:
+            return self.steps
+        return len(self.data) if hasattr(self.data, "__len__") else None
+
+    def epoch(self, epoch: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(rows, batch) pairs of one epoch."""
+        if self.n is not None:
+            order = self.model.data_rng.permutation(self.n) if self.shuffle else None
+            for batch in batches(self.data, self.n, self.batch_size, order):
+                yield len(next(iter(batch.values()))), batch
+            return
+        stream = itertools.islice(iter(self.data), self.steps)
+        count = 0
+        for count, batch in enumerate(stream, start=1):
+            if not isinstance(batch, Mapping):
+                raise DataError(f"batch {count - 1} of epoch {epoch} is a {type(batch).__name__}, "
+                                f"not a dict of input name -> array")
+            rows = dataset_length(batch)
+            yield rows, {k: self.model.feed_array(k, v) for k, v in batch.items()}
+        if count == 0:
+            raise DataError(f"the batches ran out before epoch {epoch}: a generator is used up "
+                            f"after one pass; give one that yields at least epochs x "
+                            f"steps_per_epoch batches, or a list")
+
+
+@checked_keywords
+def fit(model: Model, data: Data, *, epochs: int = 1, batch_size: int = 32,
+        shuffle: bool = True, validation: Data | None = None,
+        callbacks: Sequence[Callback] = (), metrics: Any = None, verbose: int = 1,
+        monitor: bool = True, steps_per_epoch: int | None = None,
+        progress: bool | None = None, history: History | None = None) -> History:
+    """Train ``model`` on ``data`` for ``epochs``; returns a :class:`History`.
+
+    ``data`` is a dataset dict (input name -> array, targets included): each epoch shuffles it
+    (``shuffle=True``) and runs mini-batches of ``batch_size`` rows (the whole set for
+    full-batch gradient descent, 1 for stochastic). Or ``data`` is an iterable of batch dicts
+    (a list, a generator): each epoch walks it once, or takes ``steps_per_epoch`` batches from
+    it (needed for a generator and more than one epoch). ``validation`` (the same forms) is
+    evaluated after each epoch.
+
+    The History holds per epoch ``loss``, ``accuracy`` and ``error`` (0/1 error, where the loss
+    defines accuracy), each metric, and their ``val_`` counterparts. ``metrics`` (names such as
+    ``"mae"``, ``"rmse"``, ``"r2"``, ``"top5_accuracy"``, or functions ``fn(pred, target)``;
+    see :mod:`graphengine.train.metrics`) replace for this call those given to ``compile``.
+
+    ``verbose``: 0 prints nothing, 1 (default) one line per epoch on stdout (loss, metrics,
+    validation, time), whether or not stdout is a terminal, 2 a tqdm progress bar as well
+    (``tqdm.auto``: a widget in notebooks). ``progress`` is the older spelling: True is
+    ``verbose=2``, False ``verbose=0``.
+
+    ``monitor``: without a :class:`~graphengine.tools.monitor.GradientMonitor` on the model,
+    fit attaches one recording every :data:`MONITOR_EVERY` steps (about 1% of training time),
+    which stays attached, so the visualizer can draw the gradient flow after a plain fit;
+    ``monitor=False`` attaches none.
 
     Epochs are counted on from ``model.epoch``: after ``ge.load`` of a checkpoint,
     ``fit(data, epochs=total - model.epoch)`` finishes the run, drawing the same shuffles and
@@ -206,42 +340,48 @@ def fit(model: Model, data: Mapping[str, Any], *, epochs: int = 1, batch_size: i
         raise GraphEngineError("fit() needs a model compiled with a loss")
     if model.optimizer is None:
         raise GraphEngineError("fit() needs an optimizer: compile(..., optimizer=ge.optimizer('sgd'))")
-    n = dataset_length(data)
-    batch_size = require_int(batch_size, "batch_size", 1, DataError)
     epochs = require_int(epochs, "epochs", 0, DataError)
-    if batch_size > n:
-        raise DataError(f"batch_size {batch_size} is larger than the dataset ({n} rows); use "
-                        f"batch_size={n} for full-batch gradient descent")
-    data = {k: model.feed_array(k, v) for k, v in data.items()}
-    fit_preprocessing(model, data)
+    if steps_per_epoch is not None:
+        steps_per_epoch = require_int(steps_per_epoch, "steps_per_epoch", 1, DataError)
+    if progress is not None:
+        verbose = 2 if progress else 0
+    if verbose not in (0, 1, 2):
+        raise GraphEngineError(f"verbose must be 0 (silent), 1 (a line per epoch) or 2 (a "
+                               f"progress bar as well), got {verbose!r}")
+    source = _Batches(model, data, epochs, batch_size, shuffle, steps_per_epoch)
+    meter_metrics = model.metrics if metrics is None else get_metrics(metrics)
+    loss_op, pred_name, target_name = _loss_parts(model, meter_metrics)
+    if source.n is not None:
+        fit_preprocessing(model, source.data)
+    if monitor and find_monitor(model) is None:
+        recorder = GradientMonitor(every=MONITOR_EVERY)
+        recorder.automatic = True
+        recorder.attach(model)
     history = history or History()
     model.stop_training = False
-    loss_op, pred_name, target_name = _loss_parts(model)
+    out = sys.stdout
     with model.mode(training=True):
         for callback in callbacks:
             callback.on_train_begin(model, history)
         first_epoch = model.epoch
-        for epoch in range(first_epoch + 1, first_epoch + epochs + 1):
+        last_epoch = first_epoch + epochs
+        for epoch in range(first_epoch + 1, last_epoch + 1):
+            started = time.perf_counter()
             for callback in callbacks:
                 callback.on_epoch_begin(model, epoch)
-            order = model.data_rng.permutation(n) if shuffle else None
-            bar = _progress(progress, math.ceil(n / batch_size), f"epoch {epoch}")
-            totals = {"loss": 0.0, "correct": 0.0}
-            for b, batch in enumerate(batches(data, n, batch_size, order)):
-                size = len(next(iter(batch.values())))
+            bar = _progress(verbose, source.per_epoch, f"epoch {epoch}")
+            totals = {"rows": 0, "loss": 0.0, "correct": 0.0}
+            meter = Meter(meter_metrics, model.backend)
+            for b, (size, batch) in enumerate(source.epoch(epoch)):
                 loss = model.forward(batch, training=True)
                 if not math.isfinite(loss):
                     raise NumericalError(
                         f"the loss became {loss} at epoch {epoch}, batch {b}: lower the learning rate, "
                         f"clip gradients, or set model.debug = True to find the node that made it")
+                totals["rows"] += size
                 totals["loss"] += loss * size
                 if loss_op is not None:
-                    acc = loss_op.loss.accuracy(model.xp, model.tape.value(pred_name),
-                                                model.tape.value(target_name))
-                    if acc is not None:
-                        totals["correct"] += float(model.backend.to_numpy(acc)) * size
-                    else:
-                        totals["correct"] = math.nan
+                    _score(model, model.tape, loss_op, pred_name, target_name, size, totals, meter)
                 model.backward()
                 _check_gradients(model, epoch, b, loss)
                 model.step()
@@ -253,13 +393,14 @@ def fit(model: Model, data: Mapping[str, Any], *, epochs: int = 1, batch_size: i
             if bar is not None:
                 bar.close()
             model.epoch = epoch
-            logs = {"loss": totals["loss"] / n}
-            if not math.isnan(totals["correct"]) and loss_op is not None:
-                logs["accuracy"] = totals["correct"] / n
-                logs["error"] = 1.0 - logs["accuracy"]
+            logs = _logs(totals, meter, loss_op)
             if validation is not None:
-                logs.update({f"val_{k}": v for k, v in evaluate(model, validation, batch_size).items()})
+                scores = evaluate(model, validation, batch_size, metrics=meter_metrics)
+                logs.update({f"val_{k}": v for k, v in scores.items()})
             history.append(epoch, logs)
+            if verbose:
+                print(_epoch_line(epoch, last_epoch, logs, time.perf_counter() - started),
+                      file=out, flush=True)
             for callback in callbacks:
                 callback.on_epoch_end(model, epoch, logs)
             if model.stop_training:
@@ -267,6 +408,29 @@ def fit(model: Model, data: Mapping[str, Any], *, epochs: int = 1, batch_size: i
         for callback in callbacks:
             callback.on_train_end(model, history)
     return history
+
+
+def _score(model: Model, tape: Any, loss_op: LossOp, pred_name: str, target_name: str,
+           size: int, totals: dict[str, float], meter: Meter) -> None:
+    """Add a batch's correct predictions (where the loss defines accuracy) and metric sums."""
+    pred, target = tape.value(pred_name), tape.value(target_name)
+    acc = loss_op.loss.accuracy(model.xp, pred, target)
+    if acc is None:
+        totals["correct"] = math.nan
+    else:
+        totals["correct"] += float(model.backend.to_numpy(acc)) * size
+    if meter.metrics:
+        meter.update(model.xp, loss_op.loss.predict(model.xp, pred), target)
+
+
+def _logs(totals: Mapping[str, float], meter: Meter, loss_op: LossOp | None) -> dict[str, float]:
+    rows = totals["rows"]
+    logs = {"loss": totals["loss"] / rows}
+    if loss_op is not None and not math.isnan(totals["correct"]):
+        logs["accuracy"] = totals["correct"] / rows
+        logs["error"] = 1.0 - logs["accuracy"]
+    logs.update(meter.results())
+    return logs
 
 
 def fit_preprocessing(model: Model, data: Mapping[str, Any], *, refit: bool = False,
@@ -282,14 +446,15 @@ def fit_preprocessing(model: Model, data: Mapping[str, Any], *, refit: bool = Fa
     """
     layers = get_plugin_manager().layers
     fitted: list[str] = []
-    for call in model.graph.calls:
-        if call["call"] != "layer" or not hasattr(layers.get(call["kind"]), "fit_data"):
-            continue
+    for call in _data_fitted_calls(model):
         scope = call["name"]
         if scope in model.fitted_layers and not refit:
             continue
         layer = layers.get(call["kind"])(**call["config"])
-        statistics = layer.fit_data(_host_values(model, data, call["inputs"][0], batch_size))
+        try:
+            statistics = layer.fit_data(_host_values(model, data, call["inputs"][0], batch_size))
+        except DataError as exc:
+            raise DataError(f"layer {scope!r}: {exc}") from None
         model.set_parameters({f"{scope}/{name}": value for name, value in statistics.items()})
         model.fitted_layers.add(scope)
         fitted.append(scope)
@@ -325,25 +490,36 @@ def _check_gradients(model: Model, epoch: int, batch: int, loss: float) -> None:
         f"gradients")
 
 
-def evaluate(model: Model, data: Mapping[str, Any], batch_size: int | None = None) -> dict[str, float]:
-    """Mean loss, and accuracy and 0/1 error where the loss defines them, in evaluation mode."""
+@checked_keywords
+def evaluate(model: Model, data: Data, batch_size: int | None = None, *,
+             metrics: Any = None) -> dict[str, float]:
+    """Mean loss, accuracy and 0/1 error where the loss defines them, and the ``metrics`` (by
+    default those given to ``compile``), in evaluation mode. ``data`` is a dataset dict, run in
+    batches of ``batch_size`` rows (default: all at once), or an iterable of batch dicts."""
     if model.loss_name is None:
         raise GraphEngineError("evaluate() needs a model compiled with a loss")
-    n = dataset_length(data)
-    loss_op, pred_name, target_name = _loss_parts(model)
+    chosen = model.metrics if metrics is None else get_metrics(metrics)
+    loss_op, pred_name, target_name = _loss_parts(model, chosen)
+    if isinstance(data, Mapping):
+        n = dataset_length(data)
+        parts: Iterable[Any] = batches(data, n, n if batch_size is None else batch_size, order=None)
+    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
+        parts = data
+    else:
+        raise DataError(f"evaluate() takes a dataset dict (input name -> array) or an iterable "
+                        f"of batch dicts, got {type(data).__name__}")
     fetch = (model.loss_name,) + ((pred_name, target_name) if loss_op else ())
     plan = model.plan("infer", fetch)
-    total_loss, correct = 0.0, 0.0
+    totals = {"rows": 0, "loss": 0.0, "correct": 0.0}
+    meter = Meter(chosen, model.backend)
     observers = model.active_observers(inference=True)
-    for batch in batches(data, n, n if batch_size is None else batch_size, order=None):
-        size = len(next(iter(batch.values())))
+    for batch in parts:
+        size = dataset_length(batch)
         tape = model.executor.forward(plan, batch, training=False, rng=model.rng, observers=observers)
-        total_loss += float(model.backend.to_numpy(tape.value(model.loss_name))) * size
+        totals["rows"] += size
+        totals["loss"] += float(model.backend.to_numpy(tape.value(model.loss_name))) * size
         if loss_op is not None:
-            acc = loss_op.loss.accuracy(model.xp, tape.value(pred_name), tape.value(target_name))
-            correct = math.nan if acc is None else correct + float(model.backend.to_numpy(acc)) * size
-    out = {"loss": total_loss / n}
-    if loss_op is not None and not math.isnan(correct):
-        out["accuracy"] = correct / n
-        out["error"] = 1.0 - out["accuracy"]
-    return out
+            _score(model, tape, loss_op, pred_name, target_name, size, totals, meter)
+    if not totals["rows"]:
+        raise DataError("evaluate() was given no batches")
+    return _logs(totals, meter, loss_op)

@@ -28,7 +28,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import GraphEngineError, require_int
+from ..errors import GraphEngineError, require_int, require_number
 from ..ir.graph import in_scope
 
 if TYPE_CHECKING:
@@ -42,11 +42,22 @@ Grads = dict[str, Any]
 
 
 def _number(value: Any, what: str, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0 or (positive and value == 0):
-        raise GraphEngineError(f"{what} must be a {'positive' if positive else 'non-negative'} "
-                               f"number, got {value!r}")
-    return float(value)
+    return require_number(value, what, 0, exclusive_minimum=positive, error=GraphEngineError)
+
+
+def _selection(params: Any, what: str) -> ParameterSelection:
+    """``params`` checked as a :data:`ParameterSelection`."""
+    if params is None or callable(params) or isinstance(params, str) or (
+            isinstance(params, (list, tuple)) and all(isinstance(p, str) for p in params)):
+        return params
+    raise GraphEngineError(f"{what}: params must be None, a name pattern, a list of them or a "
+                           f"predicate on the parameter name, got {params!r}")
+
+
+def _axis(axis: Any) -> int | tuple[int, ...]:
+    if isinstance(axis, (list, tuple)) and axis:
+        return tuple(require_int(a, "MaxNorm axis", -64, GraphEngineError) for a in axis)
+    return require_int(axis, "MaxNorm axis", -64, GraphEngineError)
 
 
 def select_parameters(model: Model, params: ParameterSelection, what: str) -> list[str]:
@@ -97,7 +108,11 @@ class L1L2:
     def __init__(self, l1: float = 0.0, l2: float = 0.0, params: ParameterSelection = None) -> None:
         self.l1 = _number(l1, "l1")
         self.l2 = _number(l2, "l2")
-        self.params = params
+        self.params = _selection(params, type(self).__name__)
+
+    def config(self) -> dict[str, Any]:
+        """The constructor's arguments that make this penalty again (how files save it)."""
+        return {"l1": self.l1, "l2": self.l2, "params": self.params}
 
     def parameters(self, model: Model) -> list[str]:
         return selected_parameters(self, model)
@@ -135,6 +150,9 @@ class L1(L1L2):
     def __init__(self, strength: float, params: ParameterSelection = None) -> None:
         super().__init__(l1=strength, params=params)
 
+    def config(self) -> dict[str, Any]:
+        return {"strength": self.l1, "params": self.params}
+
     def __repr__(self) -> str:
         return f"L1({self.l1}{_params_repr(self.params)})"
 
@@ -144,6 +162,9 @@ class L2(L1L2):
 
     def __init__(self, strength: float, params: ParameterSelection = None) -> None:
         super().__init__(l2=strength, params=params)
+
+    def config(self) -> dict[str, Any]:
+        return {"strength": self.l2, "params": self.params}
 
     def __repr__(self) -> str:
         return f"L2({self.l2}{_params_repr(self.params)})"
@@ -164,8 +185,11 @@ class MaxNorm:
     def __init__(self, max_norm: float = 3.0, axis: int | tuple[int, ...] = 0,
                  params: ParameterSelection = None) -> None:
         self.max_norm = _number(max_norm, "max_norm", positive=True)
-        self.axis = axis
-        self.params = params
+        self.axis = _axis(axis)
+        self.params = _selection(params, "MaxNorm")
+
+    def config(self) -> dict[str, Any]:
+        return {"max_norm": self.max_norm, "axis": self.axis, "params": self.params}
 
     def __call__(self, model: Model) -> None:
         xp = model.xp
@@ -188,6 +212,9 @@ class ClipNorm:
     def __init__(self, max_norm: float) -> None:
         self.max_norm = _number(max_norm, "clip_norm", positive=True)
 
+    def config(self) -> dict[str, Any]:
+        return {"max_norm": self.max_norm}
+
     def __call__(self, model: Model, grads: Grads) -> None:
         if not grads:
             return
@@ -207,6 +234,9 @@ class ClipValue:
 
     def __init__(self, limit: float) -> None:
         self.limit = _number(limit, "clip_value", positive=True)
+
+    def config(self) -> dict[str, Any]:
+        return {"limit": self.limit}
 
     def __call__(self, model: Model, grads: Grads) -> None:
         xp = model.xp
@@ -234,6 +264,11 @@ class Schedule:
 
     def factor(self, t: int) -> float:
         raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """The constructor's arguments that make this schedule again: the attributes, whose
+        names the built-in schedules' arguments share (``initial_lr`` once it is known)."""
+        return dict(vars(self))
 
     def lr(self, t: int) -> float:
         """The learning rate at time ``t`` (needs ``initial_lr``)."""
@@ -287,6 +322,13 @@ class InverseTimeDecay(_RateSchedule):
 
 
 # --------------------------------------------------------------------------- installing
+
+#: The hooks a model file can hold, by class name, and the list of the model they go to.
+SAVEABLE: dict[str, tuple[type, str]] = {
+    cls.__name__: (cls, "constraints" if cls is MaxNorm else "gradient_transforms")
+    for cls in (L1L2, L1, L2, MaxNorm, ClipNorm, ClipValue, StepDecay, ExponentialDecay,
+                InverseTimeDecay)}
+
 
 def _as_list(value: Any) -> list[Any]:
     if value is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import GraphEngineError, ShapeError
+from ..errors import GraphEngineError, ShapeError, unknown_options
 from ..hooks import get_plugin_manager
 from ..ir.contracts import Optimizer
 
@@ -15,13 +15,15 @@ if TYPE_CHECKING:
 
 
 def optimizer(name: str, **hyper: Any) -> Optimizer:
-    """An optimizer by registered name: ``ge.optimizer("adam", lr=1e-3)``."""
+    """An optimizer by registered name: ``ge.optimizer("adam", lr=1e-3)``; the keywords are
+    the optimizer's own (``help(type(ge.optimizer("adam")))`` lists them)."""
     entry = get_plugin_manager().optimizers.entry(name)
     try:
         return entry.obj(**hyper)
     except TypeError as exc:
+        hint = None if isinstance(exc, GraphEngineError) else unknown_options(entry.obj, hyper)
         raise GraphEngineError(f"optimizer {name!r} from {entry.origin()} rejected {hyper}: "
-                               f"{exc}") from None
+                               f"{exc}{'.' + hint if hint else ''}") from None
 
 
 def apply_update(model: Model, grads: dict[str, Any], observers: Sequence[Any]) -> None:
