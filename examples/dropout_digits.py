@@ -61,7 +61,7 @@ def run(dropout: tuple[float, float], seed: int, splits: tuple[dict, dict, dict]
     # Matrices this small keep one core busy: a second BLAS thread only spins against the first
     # (all seeds took 14 s instead of 4 s on two cores).
     with threadpool_limits(limits=1, user_api="blas"):
-        history = model.fit(train, epochs=epochs, batch_size=32, progress=False)
+        history = model.fit(train, epochs=epochs, batch_size=32, verbose=0)
     on_train, on_test = model.evaluate(train), model.evaluate(test)  # evaluation mode
     return {"train acc (fit)": history["accuracy"][-1], "train acc": on_train["accuracy"],
             "train loss": on_train["loss"], "val acc": model.evaluate(val)["accuracy"],

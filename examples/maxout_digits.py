@@ -45,7 +45,7 @@ def main(epochs: int = 20) -> dict[str, float]:
     losses, accuracy, sizes = {}, {}, {}
     for kind in NETWORKS:
         model = network(kind)
-        losses[kind] = model.fit(train, epochs=epochs, batch_size=32, progress=False)["loss"]
+        losses[kind] = model.fit(train, epochs=epochs, batch_size=32, verbose=0)["loss"]
         accuracy[kind] = model.evaluate(test)["accuracy"]
         sizes[kind] = sum(int(np.prod(p.shape)) for p in model.parameters().values())
     print("training loss per epoch, 64 -> 64 -> 64 -> 10, momentum SGD lr 0.02, batch 32")

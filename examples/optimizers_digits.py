@@ -41,7 +41,7 @@ def deep_mlp(activation: str, depth: int = 6, width: int = 64) -> tuple[ge.Graph
 def train(activation: str, name: str, lr: float, data: dict, epochs: int) -> tuple[ge.Model, list[float]]:
     g, loss = deep_mlp(activation)
     model = g.compile(loss, optimizer=ge.optimizer(name, lr=lr, **OPTIMIZERS[name]), seed=0)
-    history = model.fit(data, epochs=epochs, batch_size=32, progress=False)
+    history = model.fit(data, epochs=epochs, batch_size=32, verbose=0)
     return model, history["loss"]
 
 

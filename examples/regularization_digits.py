@@ -50,7 +50,7 @@ def main(epochs: int = 20, settings: tuple[str, ...] = tuple(SETTINGS)) -> dict[
     results = {}
     for label in settings:
         model = mlp(**SETTINGS[label])
-        history = model.fit(train, epochs=epochs, batch_size=32, progress=False)
+        history = model.fit(train, epochs=epochs, batch_size=32, verbose=0)
         w = weights(model)
         results[label] = {"norm": float(np.linalg.norm(w)), "near_zero": float(np.mean(np.abs(w) < 1e-3)),
                           "train_acc": history["accuracy"][-1], "test_acc": model.evaluate(test)["accuracy"],

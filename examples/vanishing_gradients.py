@@ -41,7 +41,7 @@ def train(graph: ge.Graph, loss: ge.Tensor, epochs: int) -> tuple[ge.Model, floa
     train_set, _ = digits()
     model = graph.compile(loss, optimizer=ge.optimizer("sgd", lr=0.05))
     GradientMonitor(every=10).attach(model)
-    history = model.fit(train_set, epochs=epochs, batch_size=32, progress=False)
+    history = model.fit(train_set, epochs=epochs, batch_size=32, verbose=0)
     return model, history["loss"][-1]
 
 

@@ -24,7 +24,7 @@ def train(hidden: int | None, seed: int, epochs: int = 3000) -> tuple[float, np.
     out = g.activation("sigmoid", g.layer("dense", h, units=1, init={"name": "normal", "std": 1.0}))
     model = g.compile(g.loss("mse", out, y), outputs=[out], optimizer=ge.optimizer("sgd", lr=2.0),
                       seed=seed)
-    history = model.fit({"x": X, "y": Y}, epochs=epochs, batch_size=4, shuffle=False, progress=False)
+    history = model.fit({"x": X, "y": Y}, epochs=epochs, batch_size=4, shuffle=False, verbose=0)
     return history["loss"][-1], model.predict({"x": X})[:, 0]
 
 

@@ -80,7 +80,7 @@ def test_training_on_strict_backend_matches_numpy():
         model = g.compile(loss, optimizer=ge.optimizer("sgd", lr=0.5), backend=backend)
         rng = np.random.default_rng(0)
         X = rng.standard_normal((32, 3))
-        model.fit({"x": X, "y": (X[:, 0] > 0).astype(int)}, epochs=3, batch_size=8, progress=False)
+        model.fit({"x": X, "y": (X[:, 0] > 0).astype(int)}, epochs=3, batch_size=8, verbose=0)
         return {k: model.backend.to_numpy(v) for k, v in model.parameters().items()}
 
     a, b = train("numpy"), train("strict")

@@ -155,15 +155,13 @@ def test_evaluate_matches_the_loss_computed_by_hand():
     assert result["accuracy"] == pytest.approx(np.mean(probabilities.argmax(1) == data["y"]))
 
 
-def test_the_progress_bar_comes_with_verbose_2_and_the_older_progress_true(capsys):
+def test_the_progress_bar_comes_with_verbose_2(capsys):
     model = classifier()
     model.fit(classes(20), epochs=1, batch_size=10)  # verbose=1: lines on stdout, no bar
     assert "epoch 1" not in capsys.readouterr().err
     model.fit(classes(20), epochs=1, batch_size=10, verbose=2)
     assert "epoch 2" in capsys.readouterr().err
-    model.fit(classes(20), epochs=1, batch_size=10, progress=True)
-    assert "epoch 3" in capsys.readouterr().err
-    model.fit(classes(20), epochs=1, batch_size=10, progress=False)
+    model.fit(classes(20), epochs=1, batch_size=10, verbose=0)
     assert capsys.readouterr() == ("", "")
 
 

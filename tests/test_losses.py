@@ -154,7 +154,7 @@ def test_fit_reports_accuracy_and_error_for_binary_cross_entropy():
     inp, t = g.input("x", (None, 2)), g.input("y", (None,))
     model = g.compile(g.loss("binary_cross_entropy", g.layer("dense", inp, units=1), t),
                       optimizer=ge.optimizer("sgd", lr=0.5))
-    history = model.fit({"x": x, "y": y}, epochs=20, batch_size=50, progress=False)
+    history = model.fit({"x": x, "y": y}, epochs=20, batch_size=50, verbose=0)
     assert history["accuracy"][-1] > 0.95
     assert history["error"][-1] == pytest.approx(1 - history["accuracy"][-1])
     probs = model.predict({"x": x})

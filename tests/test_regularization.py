@@ -88,7 +88,7 @@ def test_l2_with_sgd_is_weight_decay():
 def test_l2_shrinks_and_l1_sparsifies_the_weights():
     def train(regularizer):
         model = mlp(optimizer=ge.optimizer("sgd", lr=0.1), regularizer=regularizer)
-        model.fit(DATA, epochs=150, batch_size=32, progress=False)
+        model.fit(DATA, epochs=150, batch_size=32, verbose=0)
         return model.backend.to_numpy(model.parameters()["fc1/W"])
 
     plain, l2, l1 = train(None), train(ge.L2(0.1)), train(ge.L1(0.05))
@@ -192,7 +192,7 @@ def test_schedule_sets_the_learning_rate_per_epoch_during_fit():
             seen.append(model.optimizer.lr)
 
     model = mlp(optimizer=ge.optimizer("sgd", lr=0.4), schedule=ge.StepDecay(0.5, every=2))
-    model.fit(DATA, epochs=5, batch_size=8, progress=False, callbacks=[Record()])
+    model.fit(DATA, epochs=5, batch_size=8, verbose=0, callbacks=[Record()])
     # the lr in use during epochs 1..5 (t = completed epochs 0..4)
     assert seen == pytest.approx([0.4, 0.4, 0.2, 0.2, 0.1])
 

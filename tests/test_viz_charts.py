@@ -18,7 +18,7 @@ def trained(activation: str, init: str, epochs: int = 3) -> ge.Model:
     g, loss = deep_mlp(activation, init, 3, 16, activation)
     model = g.compile(loss, optimizer=ge.optimizer("sgd", lr=0.1))
     GradientMonitor(every=2).attach(model)
-    model.fit(data, epochs=epochs, batch_size=16, progress=False)
+    model.fit(data, epochs=epochs, batch_size=16, verbose=0)
     return model
 
 

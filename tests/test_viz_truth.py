@@ -100,7 +100,7 @@ def trained(epochs: int = 2) -> ge.Model:
     model = g.compile(loss, optimizer=ge.optimizer("sgd", lr=0.1))
     if find_monitor(model) is None:
         GradientMonitor(every=2).attach(model)
-    model.fit(batch(64), epochs=epochs, batch_size=16, progress=False)
+    model.fit(batch(64), epochs=epochs, batch_size=16, verbose=0)
     return model
 
 
@@ -137,7 +137,7 @@ def test_history_advice_knows_early_stopping_restored_the_best_epoch():
     g, loss = deep_mlp("relu", "he", 2, 64, "overfit")
     model = g.compile(loss, optimizer=ge.optimizer("adam", lr=0.01), seed=0)
     stop = EarlyStopping(patience=3)
-    history = model.fit(train, epochs=30, batch_size=8, validation=val, progress=False, callbacks=[stop])
+    history = model.fit(train, epochs=30, batch_size=8, validation=val, verbose=0, callbacks=[stop])
     assert stop.best_epoch < history.epochs[-1]  # validation loss rose, and training stopped
     plain = " ".join(str(f) for f in diagnose_history(history))
     assert "try early stopping" in plain

@@ -106,7 +106,7 @@ def train_all(config: DemoConfig, progress: bool) -> list[Run]:
                 model = g.compile(loss, optimizer=ge.optimizer("sgd", lr=config.lr), seed=config.seed)
                 GradientMonitor(every=config.every).attach(model)
                 history = model.fit(train, epochs=config.epochs, batch_size=config.batch_size,
-                                    validation=val, progress=False,
+                                    validation=val, verbose=0,
                                     callbacks=[_Progress(bar, f"{variant}, {depth} hidden")])
                 runs.append(Run(variant, activation, init, depth, model, history))
     return runs

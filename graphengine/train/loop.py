@@ -305,7 +305,7 @@ def fit(model: Model, data: Data, *, epochs: int = 1, batch_size: int = 32,
         shuffle: bool = True, validation: Data | None = None,
         callbacks: Sequence[Callback] = (), metrics: Any = None, verbose: int = 1,
         monitor: bool = True, steps_per_epoch: int | None = None,
-        progress: bool | None = None, history: History | None = None) -> History:
+        history: History | None = None) -> History:
     """Train ``model`` on ``data`` for ``epochs``; returns a :class:`History`.
 
     ``data`` is a dataset dict (input name -> array, targets included): each epoch shuffles it
@@ -322,8 +322,7 @@ def fit(model: Model, data: Data, *, epochs: int = 1, batch_size: int = 32,
 
     ``verbose``: 0 prints nothing, 1 (default) one line per epoch on stdout (loss, metrics,
     validation, time), whether or not stdout is a terminal, 2 a tqdm progress bar as well
-    (``tqdm.auto``: a widget in notebooks). ``progress`` is the older spelling: True is
-    ``verbose=2``, False ``verbose=0``.
+    (``tqdm.auto``: a widget in notebooks).
 
     ``monitor``: without a :class:`~graphengine.tools.monitor.GradientMonitor` on the model,
     fit attaches one recording every :data:`MONITOR_EVERY` steps (about 1% of training time),
@@ -343,8 +342,6 @@ def fit(model: Model, data: Data, *, epochs: int = 1, batch_size: int = 32,
     epochs = require_int(epochs, "epochs", 0, DataError)
     if steps_per_epoch is not None:
         steps_per_epoch = require_int(steps_per_epoch, "steps_per_epoch", 1, DataError)
-    if progress is not None:
-        verbose = 2 if progress else 0
     if verbose not in (0, 1, 2):
         raise GraphEngineError(f"verbose must be 0 (silent), 1 (a line per epoch) or 2 (a "
                                f"progress bar as well), got {verbose!r}")
