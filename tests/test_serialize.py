@@ -192,18 +192,22 @@ def test_unsaveable_optimizer_and_hooks_are_reported_on_load(tmp_path):
         assert ge.load(path, optimizer=Homemade(lr=0.1)).optimizer.lr == 0.1
 
 
+class Double(ge.Layer):
+    def build(self, g, x):
+        return x * 2.0
+
+
+class DoublePlugin:
+    """A third party's layer, present when a model is saved and missing when it is loaded."""
+
+    @ge.hookimpl
+    def graphengine_register_layers(self, register):
+        register("double", Double)
+
+
 def test_a_layer_from_a_missing_plugin_is_named(tmp_path):
-    class Double(ge.Layer):
-        def build(self, g, x):
-            return x * 2.0
-
-    class Plugin:
-        @ge.hookimpl
-        def graphengine_register_layers(self, register):
-            register("double", Double)
-
     path = tmp_path / "plugin.safetensors"
-    with isolated_plugin_manager(Plugin(), entry_points=True):
+    with isolated_plugin_manager(DoublePlugin(), entry_points=True):
         g = ge.Graph()
         g.compile(outputs=[g.layer("double", g.input("x", (None, 2)))]).save(path)
     with pytest.raises(ge.SerializationError, match=r"uses layer 'double'.*register the plugin"):
@@ -211,18 +215,9 @@ def test_a_layer_from_a_missing_plugin_is_named(tmp_path):
 
 
 def test_a_file_names_the_distribution_to_install_for_a_missing_plugin(tmp_path):
-    class Double(ge.Layer):
-        def build(self, g, x):
-            return x * 2.0
-
-    class Plugin:
-        @ge.hookimpl
-        def graphengine_register_layers(self, register):
-            register("double", Double)
-
     path = tmp_path / "plugin.safetensors"
     with isolated_plugin_manager(entry_points=True) as manager:
-        manager.register(Plugin(), name="doubler", distribution="double-layers")
+        manager.register(DoublePlugin(), name="doubler", distribution="double-layers")
         g = ge.Graph()
         g.compile(outputs=[g.layer("double", g.input("x", (None, 2)))]).save(path)
     assert serialize.read(path).document["plugins"]["layers"]["double"] == {
