@@ -27,6 +27,14 @@ def sigmoid(xp: Any, x: Any) -> Any:
     return xp.reciprocal(y, out=y)
 
 
+def softmax(xp: Any, x: Any) -> Any:
+    """softmax over the last axis, in one fresh buffer (no overflow: the maximum goes first)."""
+    probs = x - x.max(axis=-1, keepdims=True)
+    xp.exp(probs, out=probs)
+    probs *= 1.0 / probs.sum(axis=-1, keepdims=True)
+    return probs
+
+
 def log_softmax(xp: Any, x: Any) -> Any:
     """log(softmax(x)) over the last axis, computed without overflow."""
     shifted = x - x.max(axis=-1, keepdims=True)
@@ -184,8 +192,7 @@ class Softmax(ge.Activation):
     keeps = ("y",)
 
     def forward(self, xp, x):
-        shifted = xp.exp(x - x.max(axis=-1, keepdims=True))
-        return shifted / shifted.sum(axis=-1, keepdims=True)
+        return softmax(xp, x)
 
     def backward(self, xp, x, y, dy):
         return y * (dy - (dy * y).sum(axis=-1, keepdims=True))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from graphengine.plugins.activations import log_softmax, sigmoid
+from graphengine.plugins.activations import log_softmax, sigmoid, softmax
 
 import graphengine as ge
 from graphengine.errors import ShapeError
@@ -116,13 +116,13 @@ class SoftmaxCrossEntropy(_ClassLabels):
         return logp[xp.arange(len(target)), target].sum() * (-1.0 / len(target))
 
     def backward(self, xp, pred, target):
-        probs = xp.exp(log_softmax(xp, pred))
+        probs = softmax(xp, pred)
         probs[xp.arange(len(target)), target] -= 1
         probs *= 1.0 / len(target)
         return probs
 
     def predict(self, xp, pred):
-        return xp.exp(log_softmax(xp, pred))
+        return softmax(xp, pred)
 
 
 class NLL(_ClassLabels):
