@@ -23,7 +23,7 @@ graphviz:
 	  else echo "graphviz 'dot' not found: install it (apt-get install graphviz) to render images"; fi; }
 
 test: $(STAMP) graphviz
-	$(BIN)/ruff check graphengine plugins viz tests examples benchmarks
+	$(BIN)/ruff check graphengine plugins viz tests examples benchmarks docs
 	$(BIN)/python -m pytest
 	$(MAKE) --no-print-directory wheel-check
 
@@ -38,6 +38,7 @@ docs: $(STAMP) graphviz
 	$(BIN)/python examples/cnn_input_gradients.py
 	$(BIN)/python examples/long_memory.py
 	$(BIN)/python examples/optimizer_trajectories.py
+	$(BIN)/python docs/update_quotes.py
 
 # The wheel, installed in a fresh virtual environment, works from a project that has its own
 # plugins/ and viz/ packages (the editable install of $(VENV) cannot show what a wheel installs).
@@ -45,7 +46,7 @@ wheel-check: $(STAMP)
 	$(BIN)/python tests/packaging/wheel_check.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check graphengine plugins viz tests examples benchmarks
+	$(BIN)/ruff check graphengine plugins viz tests examples benchmarks docs
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q torch==2.13.0
