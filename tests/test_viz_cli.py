@@ -69,9 +69,9 @@ def parse_demo(text: str) -> tuple[dict[str, tuple[float, float]], dict[str, flo
 @pytest.mark.slow
 def test_vanishing_demo_reaches_every_verdict_of_the_notes(tmp_path):
     stream = io.StringIO()
-    # 12 of the 30 epochs: every verdict holds from there on seeds 0-7 (at 8 epochs the deep ReLU
-    # network is still behind the shallow one on some seeds)
-    code = vanishing_demo(tmp_path, DemoConfig(epochs=12), progress=False, stream=stream)
+    # 20 of the 30 epochs: every verdict holds from there on seeds 0-9; at 12 epochs the deep ReLU
+    # network, trained with plain SGD at lr 0.05, is still behind the shallow one on half the seeds
+    code = vanishing_demo(tmp_path, DemoConfig(epochs=20), progress=False, stream=stream)
     text = stream.getvalue()
     losses, ratios, verdicts = parse_demo(text)
     assert verdicts == {
