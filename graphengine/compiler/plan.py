@@ -213,8 +213,11 @@ def _plan_backward(graph, plan: Plan, loss: str, wrt: set[str], frozen: set[str]
     # The forward also keeps what a backward to the float inputs would read, so that
     # ``backward(wrt=[input])`` after a plain ``forward()`` finds it: beyond the parameters'
     # paths that is only what lies between an input and its first parameter (preprocessing).
+    # What those steps keep does not depend on where gradients flow, so only the steps outside
+    # ``flows`` need planning again.
     inputs = {n for n in plan.feeds if nodes[n].dtype.startswith("float")}
-    with_inputs = _backward_steps(plan, _gradient_flow(graph, plan, loss, trainable | inputs))
+    extra = _gradient_flow(graph, plan, loss, trainable | inputs) - flows
+    with_inputs = _backward_steps(plan, extra) if extra else []
     plan.retained = frozenset(s for bstep in (*plan.backward, *with_inputs)
                               for s in (*bstep.kept_args, bstep.kept_out) if s >= 0)
     # A retained value is released after the last backward step that reads it (the earliest
