@@ -16,7 +16,7 @@ import numpy as np
 from .errors import PluginError
 from .hooks import PluginManager, get_plugin_manager, set_plugin_manager
 from .ir.contracts import Activation, ActivationOp, Loss, LossOp
-from .ir.operators import Operator
+from .ir.operators import Operator, TensorSpec
 from .runtime.backend import Backend, get_backend
 from .runtime.tape import Context
 
@@ -98,6 +98,18 @@ def check_backward(op: Checkable | Callable[[], Checkable], inputs: Sequence[np.
             f"{operator!r} on backend {be.name!r}: backward gives {analytic:.10g}, finite "
             f"difference gives {numeric:.10g} (|diff| {abs(analytic - numeric):.3g}, atol {atol}, "
             f"rtol {rtol}); input shapes {[a.shape for a in host]}")
+
+
+def inferred(factory: Callable[[], Operator], inputs: Sequence[Any]) -> Callable[[], Operator]:
+    """A factory of operators that have seen the specs of ``inputs`` (float inputs as float64,
+    as :func:`check_backward` runs them), as a graph shows them before any run: operators that
+    settle part of their configuration in ``infer`` (axes, shapes) need it."""
+    def make() -> Operator:
+        op = factory()
+        op.infer(*[TensorSpec(tuple(np.shape(a)), "float64" if np.asarray(a).dtype.kind == "f"
+                              else np.asarray(a).dtype.name) for a in inputs])
+        return op
+    return make
 
 
 def as_operator(obj: Checkable) -> Operator:

@@ -8,11 +8,14 @@ to the layer.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+from scipy.special import erf  # a ufunc (NumPy has no erf): CuPy arrays dispatch it to cupyx.scipy
+
 import graphengine as ge
-from graphengine.errors import ShapeError, require_int
-from graphengine.ir.operators import TensorSpec, require_float, same_dtype
+from graphengine.errors import HyperparameterError, ShapeError, require_int
+from graphengine.ir.operators import TensorSpec, log_softmax, require_float, same_dtype, softmax
 from graphengine.tools.monitor import SATURATED_SLOPE
 
 
@@ -27,18 +30,9 @@ def sigmoid(xp: Any, x: Any) -> Any:
     return xp.reciprocal(y, out=y)
 
 
-def softmax(xp: Any, x: Any) -> Any:
-    """softmax over the last axis, in one fresh buffer (no overflow: the maximum goes first)."""
-    probs = x - x.max(axis=-1, keepdims=True)
-    xp.exp(probs, out=probs)
-    probs *= 1.0 / probs.sum(axis=-1, keepdims=True)
-    return probs
-
-
-def log_softmax(xp: Any, x: Any) -> Any:
-    """log(softmax(x)) over the last axis, computed without overflow."""
-    shifted = x - x.max(axis=-1, keepdims=True)
-    return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
+def softplus(xp: Any, x: Any) -> Any:
+    """``log(1 + exp(x))`` without overflow: ``max(x, 0) + log1p(exp(-|x|))``."""
+    return xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
 
 
 # Health measures (see ge.Activation.health): fractions of an output, batch first, on the device.
@@ -166,10 +160,149 @@ class Softplus(ge.Activation):
     keeps = ("x",)
 
     def forward(self, xp, x):
-        return xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
+        return softplus(xp, x)
 
     def backward(self, xp, x, y, dy):
         return dy * sigmoid(xp, x)
+
+
+class ReLU6(ge.Activation):
+    """``min(max(x, 0), 6)``: a ReLU capped at 6 (MobileNet), whose output fits low-precision
+    arithmetic. Units die as ReLU units do, so it measures the same dead fraction."""
+
+    keeps = ("y",)
+    health = "dead_fraction"
+
+    def forward(self, xp, x):
+        return xp.clip(x, 0, 6)
+
+    def backward(self, xp, x, y, dy):
+        return dy * ((y > 0) & (y < 6))
+
+    def measure_health(self, xp, y):
+        return dead_fraction(xp, y)
+
+
+class HardSigmoid(ge.Activation):
+    """PyTorch's ``relu6(x + 3) / 6``: a piecewise-linear sigmoid, 0 below -3, 1 above 3, with
+    slope 1/6 between. Outside (-3, 3) it passes no gradient at all, so it measures saturation."""
+
+    keeps = ("y",)
+    health = "saturation"
+
+    def forward(self, xp, x):
+        return xp.clip(x * (1 / 6) + 0.5, 0, 1)
+
+    def backward(self, xp, x, y, dy):
+        return dy * (1 / 6) * ((y > 0) & (y < 1))
+
+    def measure_health(self, xp, y):
+        return xp.mean((y <= 0) | (y >= 1))
+
+
+class Softsign(ge.Activation):
+    """``x / (1 + |x|)``: tanh's shape, approached polynomially rather than exponentially, so it
+    saturates more slowly. Its slope ``1 / (1 + |x|)^2`` equals ``(1 - |y|)^2``."""
+
+    keeps = ("y",)
+    health = "saturation"
+
+    def forward(self, xp, x):
+        return x / (1 + xp.abs(x))
+
+    def backward(self, xp, x, y, dy):
+        slope = 1 - xp.abs(y)
+        return dy * slope * slope
+
+    def measure_health(self, xp, y):
+        slope = 1 - xp.abs(y)
+        return xp.mean(slope * slope < SATURATED_SLOPE)
+
+
+#: SELU's constants (Klambauer et al. 2017), PyTorch's to the last digit: the ones that make
+#: mean 0 and variance 1 a stable fixed point of a layer's activations.
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+
+
+class SELU(ge.Activation):
+    """Scaled ELU, ``scale * elu(x, alpha)`` with SELU's fixed constants: self-normalizing."""
+
+    keeps = ("x", "y")
+
+    def forward(self, xp, x):
+        # exp only of the non-positive part, so large x cannot overflow
+        return SELU_SCALE * xp.where(x > 0, x, SELU_ALPHA * xp.expm1(xp.minimum(x, 0)))
+
+    def backward(self, xp, x, y, dy):
+        # for x <= 0 the derivative scale * alpha * exp(x) equals y + scale * alpha
+        return xp.where(x > 0, SELU_SCALE * dy, dy * (y + SELU_SCALE * SELU_ALPHA))
+
+
+class SiLU(ge.Activation):
+    """``x * sigmoid(x)`` (SiLU, also called swish): smooth, non-monotonic below 0."""
+
+    keeps = ("x",)
+
+    def forward(self, xp, x):
+        return x * sigmoid(xp, x)
+
+    def backward(self, xp, x, y, dy):
+        s = sigmoid(xp, x)
+        return dy * s * (1 + x * (1 - s))
+
+
+class Mish(ge.Activation):
+    """``x * tanh(softplus(x))`` (Misra 2019)."""
+
+    keeps = ("x",)
+
+    def forward(self, xp, x):
+        return x * xp.tanh(softplus(xp, x))
+
+    def backward(self, xp, x, y, dy):
+        t = xp.tanh(softplus(xp, x))
+        return dy * (t + x * (1 - t * t) * sigmoid(xp, x))
+
+
+GELU_FORMS = ("none", "tanh")
+
+
+class GELU(ge.Activation):
+    """``x * Phi(x)``, Phi the standard normal distribution function (Hendrycks & Gimpel 2016),
+    computed exactly through erf. ``approximate="tanh"`` uses their tanh approximation instead,
+    ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``, as PyTorch's ``approximate`` does
+    (some pretrained models were trained with it)."""
+
+    keeps = ("x",)
+    _SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+    _CUBIC = 0.044715
+
+    def __init__(self, approximate: str = "none") -> None:
+        if approximate not in GELU_FORMS:
+            raise HyperparameterError(f"gelu: approximate must be one of {GELU_FORMS}, got "
+                                      f"{approximate!r}")
+        self.approximate = approximate
+
+    def config(self) -> dict[str, Any]:
+        return {"approximate": self.approximate}
+
+    def _tanh_inner(self, xp, x):
+        return xp.tanh(self._SQRT_2_OVER_PI * (x + self._CUBIC * x * x * x))
+
+    def forward(self, xp, x):
+        if self.approximate == "tanh":
+            return 0.5 * x * (1 + self._tanh_inner(xp, x))
+        return 0.5 * x * (1 + erf(x * math.sqrt(0.5)))
+
+    def backward(self, xp, x, y, dy):
+        if self.approximate == "tanh":
+            t = self._tanh_inner(xp, x)
+            inner_slope = self._SQRT_2_OVER_PI * (1 + 3 * self._CUBIC * x * x)
+            return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * inner_slope)
+        cdf = 0.5 * (1 + erf(x * math.sqrt(0.5)))
+        pdf = xp.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
+        return dy * (cdf + x * pdf)
 
 
 class Sign(ge.Activation):
@@ -339,6 +472,13 @@ def graphengine_register_activations(register):
     register("leaky_relu", LeakyReLU)
     register("elu", ELU)
     register("softplus", Softplus)
+    register("relu6", ReLU6)
+    register("hard_sigmoid", HardSigmoid)
+    register("softsign", Softsign)
+    register("selu", SELU)
+    register("silu", SiLU, aliases=("swish",))
+    register("mish", Mish)
+    register("gelu", GELU)
     register("sign", Sign)
     register("softmax", Softmax)
     register("log_softmax", LogSoftmax)

@@ -1,4 +1,5 @@
-"""Convolutional layers: conv2d, max_pool2d, avg_pool2d, embedding, one_hot.
+"""Convolutional layers: conv2d, conv1d, conv_transpose2d, max_pool2d, avg_pool2d,
+global_avg_pool2d, embedding, one_hot.
 
 Images are NCHW to the user (batch, channels, height, width), but the operators compute
 channels-last: a conv's output is the transposed *view* of a contiguous (N, H, W, C) array,
@@ -6,9 +7,13 @@ elementwise activations keep that memory order, and the next conv or pool reads 
 contiguous channels-last array. So the NCHW interface costs no copies inside a conv stack, and
 the pixels a window covers lie in long contiguous runs (kernel width x channels values).
 
-Convolution is im2col plus one matrix product: the im2col matrix is one copy out of a strided
-window view (no Python loop over pixels), columns in (kernel row, kernel column, channel) order,
-with a column of ones at the end so the bias rides in the same product, forward and backward.
+Convolution is im2col plus one matrix product per group: the im2col matrix is one copy out of a
+strided window view (no Python loop over pixels), columns in (kernel row, kernel column, channel)
+order, with a column of ones at the end so the bias rides in the same product, forward and
+backward. The matrix is built a few images at a time and never kept: a convolution keeps its
+input for its backward, which builds the columns again for the kernel gradient (see
+:class:`Correlation`). conv1d is conv2d on a height-1 image; conv_transpose2d runs conv2d's
+backward as its forward and conv2d's forward in its backward.
 """
 
 from __future__ import annotations
@@ -25,12 +30,22 @@ from graphengine.ir.operators import TensorSpec, require_float, same_dtype
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
+#: About how many bytes of im2col matrix a convolution builds at a time (whole images, at least
+#: one). The step's memory then holds one such block, not the batch's columns (and BLAS's packing
+#: buffers grow to the block, not to the batch): on the benchmark CNN, 14.1 MiB instead of 25.2
+#: (4 MiB blocks: 17.6). Not smaller: each block is one more BLAS call, and with 2 threads on a
+#: busy machine every call can wait for its worker thread (there 2 MiB blocks cost the CNN step
+#: about 1.35x its time with whole-batch columns, 512 KiB blocks 2.8x; on a quiet one, or with
+#: one thread, blocks cost nothing measurable).
+COLUMN_BLOCK_BYTES = 1 << 21
 
-def _pair(value: int | Sequence[int], what: str) -> tuple[int, int]:
+
+def _pair(value: int | Sequence[int], what: str, minimum: int = 1) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum
                                  for v in pair):
-        raise GraphBuildError(f"{what} must be a positive int or a pair of them, got {value!r}")
+        bound = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise GraphBuildError(f"{what} must be {bound} or a pair of them, got {value!r}")
     return pair  # type: ignore[return-value]
 
 
@@ -42,41 +57,64 @@ def _spatial(x: TensorSpec, what: str) -> tuple[int, int, int]:
     return x.shape[1], x.shape[2], x.shape[3]  # type: ignore[return-value]
 
 
+def _explicit_pads(padding: Any) -> Pads | None:
+    """``padding`` as ((top, bottom), (left, right)): "valid" (0), an int, (pad_h, pad_w) or
+    ((top, bottom), (left, right)) of non-negative ints; None if it is none of those."""
+    if padding == "valid":
+        return (0, 0), (0, 0)
+    if isinstance(padding, int) and not isinstance(padding, bool):
+        pads: Any = ((padding, padding), (padding, padding))
+    elif isinstance(padding, Sequence) and not isinstance(padding, str) and len(padding) == 2:
+        pads = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+    else:
+        return None
+    if not all(len(p) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in p)
+               for p in pads):
+        return None
+    return pads
+
+
 @dataclass(frozen=True)
 class Window:
-    """Where a kh x kw window with a stride visits a padded (height, width) image."""
+    """Where a kh x kw window, its taps ``dilation`` pixels apart, visits a padded (height,
+    width) image with a stride."""
 
     kernel: tuple[int, int]
     stride: tuple[int, int]
     pads: Pads
     in_size: tuple[int, int]
+    dilation: tuple[int, int] = (1, 1)
+    #: Rows and columns that ``ceil_mode`` added at the bottom and right, beyond ``padding``.
+    ceil_extra: tuple[int, int] = (0, 0)
 
     @classmethod
     def resolve(cls, kernel: tuple[int, int], stride: tuple[int, int], padding: Any,
-                in_size: tuple[int, int]) -> Window:
+                in_size: tuple[int, int], dilation: tuple[int, int] = (1, 1),
+                ceil_mode: bool = False) -> Window:
         """``padding``: "valid" (0), "same" (output = ceil(input / stride), the extra pixel of an
         odd total at the bottom/right, as TensorFlow does), an int, a (pad_h, pad_w) pair, or
-        ((top, bottom), (left, right))."""
-        if padding == "valid":
-            pads: Any = ((0, 0), (0, 0))
-        elif padding == "same":
-            pads = tuple(_same_pads(k, s, n) for k, s, n in zip(kernel, stride, in_size))
-        elif isinstance(padding, int) and not isinstance(padding, bool):
-            pads = ((padding, padding), (padding, padding))
-        elif isinstance(padding, Sequence) and len(padding) == 2:
-            pads = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+        ((top, bottom), (left, right)). ``ceil_mode`` rounds the output size up, as PyTorch's
+        pools do: a last, partial window is added where it starts inside the input or the
+        top/left padding (bottom/right padding grows to hold it)."""
+        spans = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
+        if padding == "same":
+            pads: Any = tuple(_same_pads(k, s, n) for k, s, n in zip(spans, stride, in_size))
         else:
-            pads = None
-        if pads is None or not all(len(p) == 2 and all(isinstance(v, int) and v >= 0 for v in p)
-                                   for p in pads):
+            pads = _explicit_pads(padding)
+        if pads is None:
             raise GraphBuildError(f"padding must be 'same', 'valid', an int, (pad_h, pad_w) or "
                                   f"((top, bottom), (left, right)) of non-negative ints, got {padding!r}")
-        window = cls(kernel, stride, pads, in_size)
+        window = cls(kernel, stride, pads, in_size, dilation)
         padded = window.padded_size
-        if padded[0] < kernel[0] or padded[1] < kernel[1]:
-            raise ShapeError(f"the {kernel[0]}x{kernel[1]} window does not fit the input "
+        if padded[0] < spans[0] or padded[1] < spans[1]:
+            dilated = f" (dilated to {spans[0]}x{spans[1]})" if spans != kernel else ""
+            raise ShapeError(f"the {kernel[0]}x{kernel[1]} window{dilated} does not fit the input "
                              f"{in_size[0]}x{in_size[1]} padded to {padded[0]}x{padded[1]}")
-        return window
+        if not ceil_mode:
+            return window
+        extra = tuple(_ceil_extra(k, s, n, p) for k, s, n, p in zip(spans, stride, in_size, pads))
+        pads = tuple((before, after + e) for (before, after), e in zip(pads, extra))
+        return cls(kernel, stride, pads, in_size, dilation, extra)  # type: ignore[arg-type]
 
     @property
     def padded_size(self) -> tuple[int, int]:
@@ -85,31 +123,32 @@ class Window:
 
     @property
     def out_size(self) -> tuple[int, int]:
-        padded = self.padded_size
-        return tuple((p - k) // s + 1 for p, k, s in zip(padded, self.kernel, self.stride))  # type: ignore
+        return tuple((p - d * (k - 1) - 1) // s + 1 for p, k, s, d in  # type: ignore[return-value]
+                     zip(self.padded_size, self.kernel, self.stride, self.dilation))
 
     @property
     def padded(self) -> bool:
         return self.pads != ((0, 0), (0, 0))
 
-    def patches(self, xp: Any, padded: Any) -> Any:
-        """A (N, out_h, out_w, kh, kw, C) view of a padded channels-last (N, H, W, C) array:
-        the pixels under each window position, without copying. Copying it into the im2col
-        matrix is one array copy whose inner run is kw*C contiguous values."""
+    def patches(self, xp: Any, padded: Any, groups: int = 1) -> Any:
+        """A (N, out_h, out_w, kh, kw, groups, C / groups) view of a padded channels-last
+        (N, H, W, C) array: the pixels under each window position, without copying. Copying it
+        into the im2col matrix is one array copy whose inner runs are contiguous channels."""
         n, _, _, channels = padded.shape
         sn, sh, sw, sc = padded.strides
-        (kh, kw), (th, tw) = self.kernel, self.stride
+        (kh, kw), (th, tw), (dh, dw) = self.kernel, self.stride, self.dilation
         return xp.lib.stride_tricks.as_strided(
-            padded, (n, *self.out_size, kh, kw, channels), (sn, sh * th, sw * tw, sh, sw, sc))
+            padded, (n, *self.out_size, kh, kw, groups, channels // groups),
+            (sn, sh * th, sw * tw, sh * dh, sw * dw, sc * (channels // groups), sc))
 
     def taps(self) -> Iterator[tuple[slice, ...]]:
         """For each kernel tap, row-major, the index of the pixels it sees in a padded
         channels-last (N, H, W, C) array: one (N, out_h, out_w, C) slab per tap."""
-        (sh, sw), (oh, ow) = self.stride, self.out_size
+        (sh, sw), (oh, ow), (dh, dw) = self.stride, self.out_size, self.dilation
         for i in range(self.kernel[0]):
             for j in range(self.kernel[1]):
-                yield (slice(None), slice(i, i + sh * (oh - 1) + 1, sh),
-                       slice(j, j + sw * (ow - 1) + 1, sw), slice(None))
+                yield (slice(None), slice(i * dh, i * dh + sh * (oh - 1) + 1, sh),
+                       slice(j * dw, j * dw + sw * (ow - 1) + 1, sw), slice(None))
 
     def line_taps(self, axis: int) -> Iterator[tuple[slice, ...]]:
         """For each tap along ``axis`` (1: rows, 2: columns) of a channels-last array, the
@@ -137,9 +176,18 @@ class Window:
         return x[:, top:top + h, left:left + w]
 
 
-def _same_pads(kernel: int, stride: int, size: int) -> tuple[int, int]:
-    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+def _same_pads(span: int, stride: int, size: int) -> tuple[int, int]:
+    total = max((math.ceil(size / stride) - 1) * stride + span - size, 0)
     return total // 2, total - total // 2
+
+
+def _ceil_extra(span: int, stride: int, size: int, pads: tuple[int, int]) -> int:
+    """Padding that ceil_mode adds after ``pads`` along one axis (PyTorch's rule)."""
+    padded = size + sum(pads)
+    count = -(-(padded - span) // stride) + 1
+    if (count - 1) * stride >= size + pads[0]:  # that window would start in the bottom padding
+        count -= 1
+    return max((count - 1) * stride + span - padded, 0)
 
 
 def _channels_last(x: Any) -> Any:
@@ -150,118 +198,290 @@ def _channels_first(x: Any) -> Any:
     return x.transpose(0, 3, 1, 2)
 
 
+def _by_group(rows: Any, groups: int) -> Any:
+    """A (..., groups * k) array as a (groups, rows, k) stack of matrices, without copying."""
+    return rows.reshape(-1, groups, rows.shape[-1] // groups).transpose(1, 0, 2)
+
+
 # --------------------------------------------------------------------------- convolution
 
-class Conv2D(ge.Operator):
-    """2-D cross-correlation of NCHW ``x`` with a kernel ``w`` (filters, channels, kh, kw), plus
-    an optional bias ``b`` (filters,).
+@dataclass(frozen=True)
+class Correlation:
+    """A grouped 2-D cross-correlation of a channels-last (N, H, W, channels) image with a
+    kernel (filters, channels / groups, kh, kw): its im2col product and that product's adjoints.
 
-    Keeps its im2col matrix and kernel matrix on its context for backward, not its inputs.
+    The kernel is used as a (groups, depth [+ 1], filters / groups) stack of matrices, ``depth``
+    = kh * kw * channels / groups rows in (kernel row, kernel column, channel) order, plus a row
+    holding the bias where there is one. Each image's im2col matrix has one block of ``depth``
+    columns per group (and a column of ones after each where there is a bias).
+
+    - :meth:`correlate` (conv2d's forward, conv_transpose2d's input gradient),
+    - :meth:`kernel_grad` (the kernel's gradient for either: columns against output gradients),
+    - :meth:`spread` (col2im: conv2d's input gradient, conv_transpose2d's forward).
+    """
+
+    window: Window
+    channels: int
+    filters: int
+    groups: int = 1
+
+    @property
+    def depth(self) -> int:
+        return self.window.kernel[0] * self.window.kernel[1] * self.channels // self.groups
+
+    def kernel_matrix(self, xp: Any, w: Any, b: Any = None) -> Any:
+        """``w`` (filters, channels / groups, kh, kw) and ``b`` (filters,) as the product's
+        (groups, depth [+ 1], filters / groups) kernel."""
+        (kh, kw), g, depth = self.window.kernel, self.groups, self.depth
+        per_group = self.filters // g
+        kernel = xp.empty((g, depth + (b is not None), per_group), dtype=w.dtype)
+        kernel[:, :depth] = w.reshape(g, per_group, self.channels // g, kh, kw).transpose(
+            0, 3, 4, 2, 1).reshape(g, depth, per_group)
+        if b is not None:
+            kernel[:, depth] = b.reshape(g, per_group)
+        return kernel
+
+    def parameter_grads(self, xp: Any, grad_kernel: Any) -> tuple[Any, Any]:
+        """The gradients of ``w`` and ``b`` (None without a bias row) from the kernel's."""
+        (kh, kw), g, depth = self.window.kernel, self.groups, self.depth
+        grad_w = xp.ascontiguousarray(grad_kernel[:, :depth].reshape(
+            g, kh, kw, self.channels // g, self.filters // g).transpose(0, 4, 3, 1, 2))
+        grad_b = grad_kernel[:, depth].reshape(-1) if grad_kernel.shape[1] > depth else None
+        return grad_w.reshape(self.filters, self.channels // g, kh, kw), grad_b
+
+    def columns(self, xp: Any, x: Any, ones: bool) -> Iterator[tuple[slice, Any]]:
+        """The im2col matrix of ``x`` a block of images at a time: (the block's rows of the
+        output, its matrix). One buffer serves every block."""
+        n, per_image = x.shape[0], self.window.out_size[0] * self.window.out_size[1]
+        (kh, kw), g = self.window.kernel, self.groups
+        block = self.depth + ones
+        width = g * block
+        images = max(1, min(n, COLUMN_BLOCK_BYTES // (per_image * width * x.dtype.itemsize)))
+        if self.channels == 1:
+            # One channel: store each column contiguously, so that filling it copies whole image
+            # rows; row by row (below) every run would be just kw values long.
+            buffer = xp.empty((width, images, *self.window.out_size), dtype=x.dtype).transpose(1, 2, 3, 0)
+        else:
+            buffer = xp.empty((images, *self.window.out_size, width), dtype=x.dtype)
+        if ones:
+            buffer[..., self.depth::block] = 1  # each group's column of ones
+        # The destination view is made explicitly so that it can never be a silent copy.
+        step = buffer.strides[3]
+        per_group = self.channels // g
+        destination = xp.lib.stride_tricks.as_strided(
+            buffer, (*buffer.shape[:3], kh, kw, g, per_group),
+            (*buffer.strides[:3], kw * per_group * step, per_group * step, block * step, step))
+        for start in range(0, n, images):
+            stop = min(start + images, n)
+            cols = buffer[:stop - start]
+            destination[:stop - start] = self.window.patches(
+                xp, self.window.pad(xp, x[start:stop], 0), g)
+            yield slice(start * per_image, stop * per_image), cols.reshape(-1, width)
+
+    def correlate(self, xp: Any, x: Any, kernel: Any) -> Any:
+        """The (N, out_h, out_w, filters) correlation of channels-last ``x`` with ``kernel``
+        (from :meth:`kernel_matrix`; with a bias row, the bias is added)."""
+        out = xp.empty((x.shape[0], *self.window.out_size, self.filters), dtype=x.dtype)
+        rows = out.reshape(-1, self.filters)
+        for where, cols in self.columns(xp, x, ones=kernel.shape[1] > self.depth):
+            xp.matmul(_by_group(cols, self.groups), kernel,
+                      out=_by_group(rows[where], self.groups))
+        return out
+
+    def kernel_grad(self, xp: Any, x: Any, grad_rows: Any, ones: bool) -> Any:
+        """The gradient of the (groups, depth [+ 1], filters / groups) kernel, for channels-last
+        input ``x`` and the output's gradient as (N * out_h * out_w, filters) rows."""
+        total = None
+        for where, cols in self.columns(xp, x, ones):
+            part = xp.matmul(_by_group(cols, self.groups).transpose(0, 2, 1),
+                             _by_group(grad_rows[where], self.groups))
+            total = part if total is None else xp.add(total, part, out=total)
+        return total
+
+    def spread(self, xp: Any, grad_rows: Any, kernel: Any) -> Any:
+        """col2im, the adjoint of :meth:`correlate`: the (N, H, W, channels) image whose
+        correlation's gradient is ``grad_rows`` ((N * out_h * out_w, filters) rows).
+
+        Each tap's share comes out of its own small product, so that it is a contiguous
+        (N, out_h, out_w, C) block: adding it into the image's pixels then runs over whole rows
+        instead of C values at a time."""
+        g, (kh, kw), (oh, ow) = self.groups, self.window.kernel, self.window.out_size
+        n = grad_rows.shape[0] // (oh * ow)
+        tap_kernels = kernel[:, :self.depth].reshape(g, kh * kw, self.channels // g, self.filters // g)
+        grads = _by_group(grad_rows, g)
+        padded = xp.zeros((n, *self.window.padded_size, self.channels), dtype=grad_rows.dtype)
+        for tap, where in enumerate(self.window.taps()):
+            share = xp.matmul(grads, tap_kernels[:, tap].transpose(0, 2, 1))
+            padded[where] += share.transpose(1, 0, 2).reshape(n, oh, ow, self.channels)
+        return self.window.unpad(padded)
+
+
+class Conv2D(ge.Operator):
+    """2-D cross-correlation of NCHW ``x`` with a kernel ``w`` (filters, channels / groups, kh,
+    kw), plus an optional bias ``b`` (filters,); ``dilation`` spaces the kernel's taps, ``groups``
+    splits channels and filters into groups convolved separately (PyTorch's layout and meaning).
+
+    Keeps its input and its kernel matrix on its context for backward, not the im2col matrix:
+    the backward builds it again, a block of images at a time (see :class:`Correlation`).
     """
 
     kind = "conv2d"
+    retain_inputs = (0,)
 
-    def __init__(self, stride: int | Sequence[int] = 1, padding: Any = 0) -> None:
+    def __init__(self, stride: int | Sequence[int] = 1, padding: Any = 0,
+                 dilation: int | Sequence[int] = 1, groups: int = 1) -> None:
         self.stride = _pair(stride, "stride")
         self.padding = padding
+        self.dilation = _pair(dilation, "dilation")
+        self.groups = require_int(groups, "groups")
 
     def config(self) -> dict[str, Any]:
-        return {"stride": self.stride, "padding": self.padding}
+        return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation,
+                "groups": self.groups}
 
     def infer(self, x: TensorSpec, w: TensorSpec, b: TensorSpec | None = None) -> TensorSpec:
         require_float(x)
         dtype = same_dtype(x, w, *(() if b is None else (b,)))
         channels, height, width = _spatial(x, "conv2d")
         if w.ndim != 4:
-            raise ShapeError(f"the kernel must be (filters, channels, kh, kw), got {w.shape}")
+            raise ShapeError(f"the kernel must be (filters, channels / groups, kh, kw), got {w.shape}")
         filters, kernel_channels, kh, kw = w.shape
-        if kernel_channels != channels:
-            raise ShapeError(f"the input has {channels} channels, the kernel expects {kernel_channels}")
+        _check_groups(channels, filters, self.groups)
+        if kernel_channels * self.groups != channels:
+            per_group = f" per group ({self.groups} groups)" if self.groups > 1 else ""
+            raise ShapeError(f"the input has {channels} channels, the kernel expects "
+                             f"{kernel_channels}{per_group}")
         if b is not None and b.shape != (filters,):
             raise ShapeError(f"the bias must be ({filters},) for {filters} filters, got {b.shape}")
-        self.window = Window.resolve((kh, kw), self.stride, self.padding, (height, width))
+        self.window = Window.resolve((kh, kw), self.stride, self.padding, (height, width), self.dilation)
+        self.correlation = Correlation(self.window, channels, filters, self.groups)
         return TensorSpec((x.shape[0], filters, *self.window.out_size), dtype)
 
     def forward(self, ctx, xp, x, w, b=None):
-        n, channels = x.shape[:2]
-        filters = w.shape[0]
-        depth = w.shape[2] * w.shape[3] * channels
-        padded = self.window.pad(xp, _channels_last(x), 0)
-        width = depth + (b is not None)
-        if channels == 1:
-            # One channel: store each column contiguously, so that filling it copies whole image
-            # rows; row by row (below) every run would be just kw values long.
-            cols = xp.empty((width, n, *self.window.out_size), dtype=x.dtype).transpose(1, 2, 3, 0)
-        else:
-            cols = xp.empty((n, *self.window.out_size, width), dtype=x.dtype)
-        # Columns in (kernel row, kernel column, channel) order, as the kernel matrix below; the
-        # view is made explicitly so that it can never be a silent copy.
-        step = cols.strides[3]
-        columns = xp.lib.stride_tricks.as_strided(
-            cols, (*cols.shape[:3], *w.shape[2:], channels),
-            (*cols.strides[:3], w.shape[3] * channels * step, channels * step, step))
-        columns[...] = self.window.patches(xp, padded)
-        del padded  # not kept: the step's peak memory holds the columns and the output only
-        kernel = xp.empty((width, filters), dtype=w.dtype)
-        kernel[:depth] = w.transpose(2, 3, 1, 0).reshape(depth, filters)
-        if b is not None:
-            cols[..., depth] = 1
-            kernel[depth] = b
-        ctx.cols = cols.reshape(-1, width)
-        ctx.kernel, ctx.kernel_shape, ctx.has_bias = kernel, w.shape, b is not None
-        ctx.padded_shape = n, *self.window.padded_size, channels
-        out = ctx.cols @ kernel
-        return _channels_first(out.reshape(n, *self.window.out_size, filters))
+        ctx.kernel = self.correlation.kernel_matrix(xp, w, b)
+        return _channels_first(self.correlation.correlate(xp, _channels_last(x), ctx.kernel))
 
     def backward(self, ctx, xp, inputs, output, grad):
-        filters, channels, kh, kw = ctx.kernel_shape
-        depth = kh * kw * channels
-        grad_rows = _channels_last(grad).reshape(-1, filters)
-        grad_kernel = ctx.cols.T @ grad_rows
-        grad_w = xp.ascontiguousarray(
-            grad_kernel[:depth].reshape(kh, kw, channels, filters).transpose(3, 2, 0, 1))
-        grad_b = grad_kernel[depth] if ctx.has_bias else None
-        if not ctx.grad_wanted(0):  # the first layer's: the image's gradient is rarely asked for
-            return (None, grad_w, grad_b)[:2 + ctx.has_bias]
-        # Each tap's share of the input gradient comes out of its own small product, so that it
-        # is a contiguous (N, out_h, out_w, C) block: adding it into the input's pixels then
-        # runs over whole rows instead of C values at a time.
-        tap_kernels = ctx.kernel[:depth].reshape(kh * kw, channels, filters)
-        grad_padded = xp.zeros(ctx.padded_shape, dtype=grad.dtype)
-        for where, tap_kernel in zip(self.window.taps(), tap_kernels):
-            grad_padded[where] += (grad_rows @ tap_kernel.T).reshape(
-                grad.shape[0], *self.window.out_size, channels)
-        grad_x = _channels_first(self.window.unpad(grad_padded))
-        return (grad_x, grad_w, grad_b)[:2 + ctx.has_bias]
+        has_bias = ctx.kernel.shape[1] > self.correlation.depth
+        grad_rows = _channels_last(grad).reshape(-1, self.correlation.filters)
+        grad_kernel = self.correlation.kernel_grad(xp, _channels_last(inputs[0]), grad_rows, has_bias)
+        grad_w, grad_b = self.correlation.parameter_grads(xp, grad_kernel)
+        # The first layer's image gradient is rarely asked for.
+        grad_x = (_channels_first(self.correlation.spread(xp, grad_rows, ctx.kernel))
+                  if ctx.grad_wanted(0) else None)
+        return (grad_x, grad_w, grad_b)[:2 + has_bias]
+
+
+def _check_groups(channels: int, filters: int, groups: int, x: Any = None) -> None:
+    """``x``: the layer's input tensor, named in the message (the operator's node names its own)."""
+    if channels % groups or filters % groups:
+        of = f" of {x.name} {x.shape}" if x is not None else ""
+        raise ShapeError(f"groups={groups} must divide both the input's {channels} channels{of} "
+                         f"and the {filters} filters")
+
+
+class ConvTranspose2D(ge.Operator):
+    """The transpose (adjoint) of conv2d, often called deconvolution: NCHW ``x`` (N, C, H, W)
+    with a kernel ``w`` (C, filters, kh, kw), PyTorch's layout, plus an optional bias ``b``
+    (filters,), gives (N, filters, (H - 1) * stride - pad_total + kh + output_padding, ...).
+
+    Its forward is conv2d's input gradient (col2im) for the conv2d with the same kernel, stride
+    and padding that maps the output back to ``x``; its input gradient is that conv2d's forward.
+    ``output_padding`` (smaller than the stride) adds rows/columns at the bottom/right that no
+    window reaches, as in PyTorch. Keeps its input and kernel matrix for backward.
+    """
+
+    kind = "conv_transpose2d"
+    retain_inputs = (0,)
+
+    def __init__(self, stride: int | Sequence[int] = 1, padding: Any = 0,
+                 output_padding: int | Sequence[int] = 0) -> None:
+        self.stride = _pair(stride, "stride")
+        self.output_padding = _pair(output_padding, "output_padding", minimum=0)
+        if any(p >= s for p, s in zip(self.output_padding, self.stride)):
+            raise GraphBuildError(f"output_padding {self.output_padding} must be smaller than the "
+                                  f"stride {self.stride} in each dimension")
+        self.pads = _explicit_pads(padding)
+        if self.pads is None:
+            raise GraphBuildError(f"conv_transpose2d padding must be 'valid', an int, (pad_h, pad_w) "
+                                  f"or ((top, bottom), (left, right)) of non-negative ints, got {padding!r}")
+        self.padding = padding
+
+    def config(self) -> dict[str, Any]:
+        return {"stride": self.stride, "padding": self.padding, "output_padding": self.output_padding}
+
+    def infer(self, x: TensorSpec, w: TensorSpec, b: TensorSpec | None = None) -> TensorSpec:
+        require_float(x)
+        dtype = same_dtype(x, w, *(() if b is None else (b,)))
+        channels, height, width = _spatial(x, "conv_transpose2d")
+        if w.ndim != 4 or w.shape[0] != channels:
+            raise ShapeError(f"the kernel must be (in_channels={channels}, filters, kh, kw), got {w.shape}")
+        filters, kernel = w.shape[1], w.shape[2:]
+        if b is not None and b.shape != (filters,):
+            raise ShapeError(f"the bias must be ({filters},) for {filters} filters, got {b.shape}")
+        size = tuple((n - 1) * s - sum(p) + k + extra for n, s, p, k, extra in
+                     zip((height, width), self.stride, self.pads, kernel, self.output_padding))
+        if min(size) < 1:
+            raise ShapeError(f"padding {self.pads} trims the {height}x{width} input, spread by "
+                             f"the {kernel[0]}x{kernel[1]} kernel with stride {self.stride}, to "
+                             f"nothing ({size[0]}x{size[1]})")
+        self.window = Window.resolve(kernel, self.stride, self.pads, size)  # the adjoint conv2d's
+        self.correlation = Correlation(self.window, channels=filters, filters=channels)
+        return TensorSpec((x.shape[0], filters, *size), dtype)
+
+    def forward(self, ctx, xp, x, w, b=None):
+        ctx.kernel = self.correlation.kernel_matrix(xp, w)
+        ctx.has_bias = b is not None
+        out = self.correlation.spread(xp, _channels_last(x).reshape(-1, x.shape[1]), ctx.kernel)
+        # A new contiguous array, rather than a view that would keep the padded buffer alive.
+        return _channels_first(xp.add(out, b) if b is not None else xp.ascontiguousarray(out))
+
+    def backward(self, ctx, xp, inputs, output, grad):
+        x = inputs[0]
+        grad = _channels_last(grad)
+        grad_kernel = self.correlation.kernel_grad(
+            xp, grad, _channels_last(x).reshape(-1, x.shape[1]), ones=False)
+        grad_w = self.correlation.parameter_grads(xp, grad_kernel)[0]
+        grad_x = (_channels_first(self.correlation.correlate(xp, grad, ctx.kernel))
+                  if ctx.grad_wanted(0) else None)
+        if not ctx.has_bias:
+            return grad_x, grad_w
+        return grad_x, grad_w, grad.sum(axis=(0, 1, 2))
 
 
 # --------------------------------------------------------------------------- pooling
 
 class Pool2D(ge.Operator):
     """Shared geometry of the pooling operators: a window over each channel of NCHW input.
+    ``ceil_mode`` rounds the output size up as PyTorch does (see :meth:`Window.resolve`).
 
     A window's max (or sum) is taken in two passes, over the kernel's rows and then over its
     columns: the row pass reads whole image rows (width x channels contiguous values per run),
     which is several times faster than visiting the kh*kw taps one pixel slab at a time."""
 
     def __init__(self, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
-                 padding: Any = 0) -> None:
+                 padding: Any = 0, ceil_mode: bool = False) -> None:
         self.kernel = _pair(kernel_size, "kernel_size")
         self.stride = self.kernel if stride is None else _pair(stride, "stride")
         self.padding = padding
+        if not isinstance(ceil_mode, bool):
+            raise GraphBuildError(f"ceil_mode must be True or False, got {ceil_mode!r}")
+        self.ceil_mode = ceil_mode
 
     def config(self) -> dict[str, Any]:
-        return {"kernel_size": self.kernel, "stride": self.stride, "padding": self.padding}
+        return {"kernel_size": self.kernel, "stride": self.stride, "padding": self.padding,
+                "ceil_mode": self.ceil_mode}
 
     def infer(self, x: TensorSpec) -> TensorSpec:
         require_float(x)
         channels, height, width = _spatial(x, self.kind)
         if max(self.kernel) > 255:
             raise ShapeError(f"a pooling window spans at most 255 pixels per side, got {self.kernel}")
-        self.window = Window.resolve(self.kernel, self.stride, self.padding, (height, width))
-        (top, bottom), (left, right) = self.window.pads
-        if max(top, bottom) >= self.kernel[0] or max(left, right) >= self.kernel[1]:
-            raise ShapeError(f"padding {self.window.pads} must be smaller than the "
+        self.window = Window.resolve(self.kernel, self.stride, self.padding, (height, width),
+                                     ceil_mode=self.ceil_mode)
+        if any(max(before, after - extra) >= k for (before, after), extra, k in
+               zip(self.window.pads, self.window.ceil_extra, self.kernel)):
+            raise ShapeError(f"padding {self.padding!r} must be smaller than the "
                              f"{self.kernel[0]}x{self.kernel[1]} window on each side, or some "
                              f"windows would hold padding only")
         return TensorSpec((x.shape[0], channels, *self.window.out_size), x.dtype)
@@ -289,8 +509,9 @@ class Pool2D(ge.Operator):
         return out
 
     def _backward_passes(self, xp, grad, winners=(None, None)) -> Any:
-        shapes = self._pass_shapes(grad.shape[0], grad.shape[1])
-        grad_rows = self._spread(xp, _channels_last(grad), 2, shapes, winners[1])
+        """The input's gradient from the output's, ``grad`` channels-last."""
+        shapes = self._pass_shapes(grad.shape[0], grad.shape[3])
+        grad_rows = self._spread(xp, grad, 2, shapes, winners[1])
         return _channels_first(self.window.unpad(self._spread(xp, grad_rows, 1, shapes, winners[0])))
 
 
@@ -311,7 +532,7 @@ class MaxPool2D(Pool2D):
 
     def _max_pass(self, xp, x, axis: int) -> tuple[Any, Any]:
         taps = self.window.line_taps(axis)
-        best = xp.ascontiguousarray(x[next(taps)])
+        best = x[next(taps)].copy()  # a copy even where the slab is contiguous: it is written to
         winners = None
         for i, where in enumerate(taps, start=1):
             candidate = x[where]
@@ -325,31 +546,89 @@ class MaxPool2D(Pool2D):
         return best, xp.zeros(best.shape, dtype=xp.uint8) if winners is None else winners
 
     def backward(self, ctx, xp, inputs, output, grad):
-        return (self._backward_passes(xp, grad, ctx.winners),)
+        return (self._backward_passes(xp, _channels_last(grad), ctx.winners),)
 
 
 class AvgPool2D(Pool2D):
-    """Mean over each window; padding counts as zeros in the mean (PyTorch's default)."""
+    """Mean over each window. With ``count_include_pad=True`` (PyTorch's default) padding counts
+    as zeros in the mean; with False a window's mean is over its input pixels only. Either way
+    the part of a window beyond the padding (``ceil_mode``'s last windows) is not counted, as in
+    PyTorch."""
 
     kind = "avg_pool2d"
+
+    def __init__(self, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
+                 padding: Any = 0, ceil_mode: bool = False, count_include_pad: bool = True) -> None:
+        super().__init__(kernel_size, stride, padding, ceil_mode)
+        if not isinstance(count_include_pad, bool):
+            raise GraphBuildError(f"count_include_pad must be True or False, got {count_include_pad!r}")
+        self.count_include_pad = count_include_pad
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "count_include_pad": self.count_include_pad}
+
+    def infer(self, x: TensorSpec) -> TensorSpec:
+        out = super().infer(x)
+        self.counts = tuple(self._counts(axis) for axis in (0, 1))
+        return out
+
+    def _counts(self, axis: int) -> tuple[int, ...]:
+        """How many pixels each window position counts along ``axis`` (0: rows, 1: columns)."""
+        window = self.window
+        before, after = window.pads[axis]
+        size = window.in_size[axis]
+        lo, hi = ((0, before + size + after - window.ceil_extra[axis]) if self.count_include_pad
+                  else (before, before + size))
+        kernel, stride = self.kernel[axis], self.stride[axis]
+        return tuple(min(i * stride + kernel, hi) - max(i * stride, lo)
+                     for i in range(window.out_size[axis]))
+
+    def _scale(self, xp, dtype) -> Any:
+        """1 / the pixel count of each window: one number, or an (out_h, out_w, 1) array."""
+        rows, cols = self.counts
+        if len(set(rows)) == 1 and len(set(cols)) == 1:
+            return 1.0 / (rows[0] * cols[0])
+        return 1.0 / (xp.asarray(rows, dtype=dtype)[:, None, None] * xp.asarray(cols, dtype=dtype)[:, None])
 
     def forward(self, ctx, xp, x):
         padded = self.window.pad(xp, _channels_last(x), 0)
         rows = self._sum_pass(xp, padded, 1)
         out = self._sum_pass(xp, rows, 2)
-        out *= 1.0 / (self.kernel[0] * self.kernel[1])
+        out *= self._scale(xp, x.dtype)
         return _channels_first(out)
 
     def _sum_pass(self, xp, x, axis: int) -> Any:
         taps = self.window.line_taps(axis)
-        total = xp.ascontiguousarray(x[next(taps)])
+        total = x[next(taps)].copy()  # a copy even where the slab is contiguous: it is written to
         for where in taps:
             total += x[where]
         return total
 
     def backward(self, ctx, xp, inputs, output, grad):
-        return (self._backward_passes(xp, grad * (1.0 / (self.kernel[0] * self.kernel[1]))),)
+        return (self._backward_passes(xp, _channels_last(grad) * self._scale(xp, grad.dtype)),)
 
+
+class GlobalAvgPool2D(ge.Operator):
+    """Mean over each channel's whole image: (N, C, H, W) -> (N, C). PyTorch's
+    ``F.adaptive_avg_pool2d(x, 1)`` keeps two unit axes, (N, C, 1, 1); this gives what usually
+    follows it, the flattened (N, C) (Keras' GlobalAveragePooling2D)."""
+
+    kind = "global_avg_pool2d"
+
+    def infer(self, x: TensorSpec) -> TensorSpec:
+        require_float(x)
+        channels, height, width = _spatial(x, "global_avg_pool2d")
+        self.size = height, width
+        return TensorSpec((x.shape[0], channels), x.dtype)
+
+    def forward(self, ctx, xp, x):
+        return _channels_last(x).mean(axis=(1, 2))
+
+    def backward(self, ctx, xp, inputs, output, grad):
+        # Channels-last, like every other gradient of the conv stack.
+        grad_x = xp.empty((grad.shape[0], *self.size, grad.shape[1]), dtype=grad.dtype)
+        grad_x[...] = (grad * (1.0 / (self.size[0] * self.size[1])))[:, None, None, :]
+        return (_channels_first(grad_x),)
 
 # --------------------------------------------------------------------------- integer ids
 
@@ -422,48 +701,143 @@ class OneHot(ge.Operator):
 # --------------------------------------------------------------------------- layers
 
 class Conv2DLayer(ge.Layer):
-    """``conv2d(filters, kernel_size, stride=1, padding=0, bias=True, init="he")`` on NCHW input.
+    """``conv2d(filters, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
+    init="he")`` on NCHW input.
 
-    Parameters ``W`` (filters, channels, kh, kw) and ``b`` (filters,). ``padding`` is an int,
-    a pair, ((top, bottom), (left, right)), "valid" or "same"."""
+    Parameters ``W`` (filters, channels / groups, kh, kw), PyTorch's layout, and ``b``
+    (filters,). ``padding`` is an int, a pair, ((top, bottom), (left, right)), "valid" or "same"
+    (TensorFlow's: output = ceil(input / stride), the odd pixel at the bottom/right; PyTorch's
+    "same" allows stride 1 only and puts the odd pixel at the top/left)."""
 
     def __init__(self, filters: int, kernel_size: int | Sequence[int], stride: int | Sequence[int] = 1,
-                 padding: Any = 0, bias: bool = True, init: str | dict = "he") -> None:
+                 padding: Any = 0, dilation: int | Sequence[int] = 1, groups: int = 1, bias: bool = True,
+                 init: str | dict = "he") -> None:
         super().__init__(filters=filters, kernel_size=kernel_size, stride=stride, padding=padding,
-                         bias=bias, init=init)
+                         dilation=dilation, groups=groups, bias=bias, init=init)
         self.filters = require_int(filters, "filters")
         self.kernel = _pair(kernel_size, "kernel_size")
-        self.op = Conv2D(stride, padding)
+        self.op = Conv2D(stride, padding, dilation, groups)
         self.bias, self.init = bias, init
 
     def build(self, g, x):
         channels = _spatial(x.node.spec, "conv2d")[0]
-        w = g.parameter("W", (self.filters, channels, *self.kernel), init=self.init, dtype=x.dtype)
+        _check_groups(channels, self.filters, self.op.groups, x)
+        return _convolve(g, self.op, x, self.filters, channels, self.kernel, self.bias, self.init)
+
+
+def _convolve(g, op: Conv2D, x, filters: int, channels: int, kernel: tuple[int, ...], bias: bool,
+              init: str | dict):
+    """``op`` applied to NCHW ``x`` with new parameters ``W`` (filters, channels / groups,
+    *kernel) and, if ``bias``, ``b``; ``kernel`` (k,) makes conv1d's (filters, channels / groups,
+    k) kernel, viewed as (.., 1, k) by the operator."""
+    w = g.parameter("W", (filters, channels // op.groups, *kernel), init=init, dtype=x.dtype)
+    if len(kernel) == 1:
+        w = w.reshape(filters, channels // op.groups, 1, kernel[0])
+    if not bias:
+        return g.apply(op, x, w)
+    return g.apply(op, x, w, g.parameter("b", (filters,), init="zeros", dtype=x.dtype))
+
+
+class Conv1DLayer(ge.Layer):
+    """``conv1d(filters, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
+    init="he")`` on (N, C, L) input -> (N, filters, L').
+
+    Parameters ``W`` (filters, channels / groups, kernel_size), PyTorch's layout, and ``b``
+    (filters,). ``padding``: an int, a (left, right) pair, "valid" or "same" (TensorFlow's, as
+    conv2d's). Runs as conv2d on a height-1 image."""
+
+    def __init__(self, filters: int, kernel_size: int, stride: int = 1, padding: Any = 0,
+                 dilation: int = 1, groups: int = 1, bias: bool = True, init: str | dict = "he") -> None:
+        super().__init__(filters=filters, kernel_size=kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=bias, init=init)
+        self.filters = require_int(filters, "filters")
+        self.kernel = require_int(kernel_size, "kernel_size")
+        if padding in ("same", "valid"):
+            pads: Any = padding
+        elif isinstance(padding, int) and not isinstance(padding, bool):
+            pads = ((0, 0), (padding, padding))
+        elif isinstance(padding, Sequence) and not isinstance(padding, str) and len(padding) == 2:
+            pads = ((0, 0), tuple(padding))
+        else:
+            raise GraphBuildError(f"conv1d padding must be 'same', 'valid', an int or a (left, right) "
+                                  f"pair of non-negative ints, got {padding!r}")
+        self.op = Conv2D((1, require_int(stride, "stride")), pads, (1, require_int(dilation, "dilation")),
+                         groups)
+        self.bias, self.init = bias, init
+
+    def build(self, g, x):
+        spec = x.node.spec
+        if spec.ndim != 3 or None in spec.shape[1:]:
+            raise ShapeError(f"conv1d takes (batch, channels, length) input with known channels and "
+                             f"length, got {x.name} {spec.shape}")
+        channels, length = spec.shape[1:]
+        _check_groups(channels, self.filters, self.op.groups, x)
+        y = _convolve(g, self.op, x.reshape(spec.shape[0], channels, 1, length), self.filters,
+                      channels, (self.kernel,), self.bias, self.init)
+        return y.reshape(spec.shape[0], self.filters, y.shape[3])
+
+
+class ConvTranspose2DLayer(ge.Layer):
+    """``conv_transpose2d(filters, kernel_size, stride=1, padding=0, output_padding=0, bias=True,
+    init="he")`` on NCHW input: (N, C, H, W) -> (N, filters, (H - 1) * stride - 2 * padding +
+    kernel + output_padding, ...), as PyTorch's ConvTranspose2d.
+
+    Parameters ``W`` (C, filters, kh, kw), PyTorch's layout (its in_channels first, unlike
+    conv2d's), and ``b`` (filters,). ``padding``: an int, a pair, ((top, bottom), (left, right))
+    or "valid"; it trims the output (no "same")."""
+
+    def __init__(self, filters: int, kernel_size: int | Sequence[int], stride: int | Sequence[int] = 1,
+                 padding: Any = 0, output_padding: int | Sequence[int] = 0, bias: bool = True,
+                 init: str | dict = "he") -> None:
+        super().__init__(filters=filters, kernel_size=kernel_size, stride=stride, padding=padding,
+                         output_padding=output_padding, bias=bias, init=init)
+        self.filters = require_int(filters, "filters")
+        self.kernel = _pair(kernel_size, "kernel_size")
+        self.op = ConvTranspose2D(stride, padding, output_padding)
+        self.bias, self.init = bias, init
+
+    def build(self, g, x):
+        channels = _spatial(x.node.spec, "conv_transpose2d")[0]
+        w = g.parameter("W", (channels, self.filters, *self.kernel), init=self.init, dtype=x.dtype)
         if not self.bias:
             return g.apply(self.op, x, w)
         return g.apply(self.op, x, w, g.parameter("b", (self.filters,), init="zeros", dtype=x.dtype))
 
 
 class PoolLayer(ge.Layer):
-    """``max_pool2d`` / ``avg_pool2d(kernel_size, stride=kernel_size, padding=0)`` on NCHW input."""
+    """A pooling layer: its operator on the input, no parameters."""
 
-    operator: type[Pool2D] = Pool2D
-
-    def __init__(self, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
-                 padding: Any = 0) -> None:
-        super().__init__(kernel_size=kernel_size, stride=stride, padding=padding)
-        self.op = self.operator(kernel_size, stride, padding)
+    op: Pool2D
 
     def build(self, g, x):
         return g.apply(self.op, x)
 
 
 class MaxPoolLayer(PoolLayer):
-    operator = MaxPool2D
+    """``max_pool2d(kernel_size, stride=kernel_size, padding=0, ceil_mode=False)`` on NCHW input."""
+
+    def __init__(self, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
+                 padding: Any = 0, ceil_mode: bool = False) -> None:
+        super().__init__(kernel_size=kernel_size, stride=stride, padding=padding, ceil_mode=ceil_mode)
+        self.op = MaxPool2D(kernel_size, stride, padding, ceil_mode)
 
 
 class AvgPoolLayer(PoolLayer):
-    operator = AvgPool2D
+    """``avg_pool2d(kernel_size, stride=kernel_size, padding=0, ceil_mode=False,
+    count_include_pad=True)`` on NCHW input."""
+
+    def __init__(self, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
+                 padding: Any = 0, ceil_mode: bool = False, count_include_pad: bool = True) -> None:
+        super().__init__(kernel_size=kernel_size, stride=stride, padding=padding, ceil_mode=ceil_mode,
+                         count_include_pad=count_include_pad)
+        self.op = AvgPool2D(kernel_size, stride, padding, ceil_mode, count_include_pad)
+
+
+class GlobalAvgPoolLayer(ge.Layer):
+    """``global_avg_pool2d()``: (N, C, H, W) -> (N, C), the mean of each channel's image."""
+
+    def build(self, g, x):
+        return g.apply(GlobalAvgPool2D(), x)
 
 
 class Embedding(ge.Layer):
@@ -498,7 +872,10 @@ class OneHotLayer(ge.Layer):
 @ge.hookimpl
 def graphengine_register_layers(register):
     register("conv2d", Conv2DLayer, aliases=("conv",))
+    register("conv1d", Conv1DLayer)
+    register("conv_transpose2d", ConvTranspose2DLayer, aliases=("conv2d_transpose",))
     register("max_pool2d", MaxPoolLayer, aliases=("maxpool",))
     register("avg_pool2d", AvgPoolLayer, aliases=("avgpool",))
+    register("global_avg_pool2d", GlobalAvgPoolLayer)
     register("embedding", Embedding)
     register("one_hot", OneHotLayer)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import graphengine as ge
-from graphengine.errors import ShapeError, require_int
+from graphengine.errors import GraphBuildError, ShapeError, require_int
+from graphengine.ir.operators import require_float, same_dtype
 
 
 class Dense(ge.Layer):
@@ -53,8 +55,89 @@ class Add(ge.Layer):
         return total
 
 
+class LayerNormOp(ge.Operator):
+    """Layer normalization (Ba et al. 2016) over the last ``count`` axes of each example:
+    ``(x - mean) / sqrt(var + eps) * gamma + beta``, the (biased) variance as PyTorch's
+    ``F.layer_norm``. Inputs ``x``, ``gamma``, ``beta`` (each of the shape of those axes). The
+    same in training and evaluation: no statistics are kept across batches. Keeps the normalized
+    ``x`` and ``1 / std`` on its context for backward."""
+
+    kind = "layer_norm"
+    retain_inputs = (1,)
+
+    def __init__(self, count: int = 1, eps: float = 1e-5) -> None:
+        self.count, self.eps = count, eps
+
+    def config(self) -> dict[str, Any]:
+        return {"count": self.count, "eps": self.eps}
+
+    def infer(self, x, gamma, beta):
+        require_float(x)
+        same_dtype(x, gamma, beta)
+        normalized = x.shape[x.ndim - self.count:]
+        if not 1 <= self.count <= x.ndim or None in normalized:
+            raise ShapeError(f"layer_norm over the last {self.count} axes needs them known, got {x.shape}")
+        for name, spec in (("gamma", gamma), ("beta", beta)):
+            if spec.shape != normalized:
+                raise ShapeError(f"layer_norm {name} must have the normalized shape {normalized}, "
+                                 f"got {spec.shape}")
+        return x
+
+    def forward(self, ctx, xp, x, gamma, beta):
+        axes = tuple(range(x.ndim - self.count, x.ndim))
+        centered = x - x.mean(axis=axes, keepdims=True)
+        ctx.inv_std = 1.0 / xp.sqrt((centered * centered).mean(axis=axes, keepdims=True) + self.eps)
+        ctx.normalized = centered * ctx.inv_std
+        return ctx.normalized * gamma + beta
+
+    def backward(self, ctx, xp, inputs, output, grad):
+        gamma, normalized = inputs[1], ctx.normalized
+        axes = tuple(range(grad.ndim - self.count, grad.ndim))
+        leading = tuple(range(grad.ndim - self.count))
+        grad_gamma = (grad * normalized).sum(axis=leading)
+        grad_beta = grad.sum(axis=leading)
+        grad_normalized = grad * gamma
+        # d/dx through each example's mean and variance as well as directly.
+        grad_x = grad_normalized - grad_normalized.mean(axis=axes, keepdims=True)
+        grad_x -= normalized * (grad_normalized * normalized).mean(axis=axes, keepdims=True)
+        grad_x *= ctx.inv_std
+        return grad_x, grad_gamma, grad_beta
+
+
+class LayerNorm(ge.Layer):
+    """``g.layer("layer_norm", h, axis=-1, eps=1e-5)``: normalize each example over its last
+    axis (or the trailing axes ``axis``, e.g. ``(-2, -1)``), then scale by ``gamma`` (ones) and
+    shift by ``beta`` (zeros), learned, of the normalized shape; as PyTorch's
+    ``nn.LayerNorm(normalized_shape)``. Unlike batch_norm it needs no batch statistics, so it
+    behaves the same in training and evaluation and at any batch size (transformers, RNNs)."""
+
+    def __init__(self, axis: int | tuple[int, ...] = -1, eps: float = 1e-5) -> None:
+        if not isinstance(eps, (int, float)) or eps <= 0:
+            raise GraphBuildError(f"layer_norm eps must be a positive number, got {eps!r}")
+        axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+        if not axes or not all(isinstance(a, int) for a in axes):
+            raise GraphBuildError(f"layer_norm axis must be an int or a tuple of ints, got {axis!r}")
+        super().__init__(axis=axis, eps=eps)
+        self.axes, self.eps = axes, eps
+
+    def build(self, g, x):
+        if any(not -x.ndim <= a < x.ndim for a in self.axes):
+            raise ShapeError(f"layer_norm axis {self.axes} is out of range for {x.name} {x.shape}")
+        axes = sorted(a % x.ndim for a in self.axes)
+        if axes != list(range(x.ndim - len(axes), x.ndim)):
+            raise ShapeError(f"layer_norm normalizes trailing axes, got axis {self.axes} for {x.name} "
+                             f"{x.shape}: move the axis last (transpose) or use batch_norm")
+        normalized = x.shape[axes[0]:]
+        if None in normalized:
+            raise ShapeError(f"layer_norm needs the normalized axes known, got {x.name} {x.shape}")
+        params = [g.parameter(name, normalized, init=init, decay=False, dtype=x.dtype)
+                  for name, init in (("gamma", "ones"), ("beta", "zeros"))]
+        return g.apply(LayerNormOp(len(axes), self.eps), x, *params)
+
+
 @ge.hookimpl
 def graphengine_register_layers(register):
     register("dense", Dense, aliases=("linear", "fully_connected"))
     register("flatten", Flatten)
     register("add", Add, aliases=("residual",))
+    register("layer_norm", LayerNorm, aliases=("layernorm",))

@@ -1,4 +1,4 @@
-"""Recurrent layers: rnn (tanh, Elman), lstm, gru, and a bidirectional wrapper.
+"""Recurrent layers: rnn (Elman, tanh or relu), lstm, gru, and a bidirectional wrapper.
 
 Input is (batch, time, features). One operator runs a whole layer over the sequence, and its
 backward runs back through time over all of it. The work is arranged for few, large array
@@ -19,6 +19,15 @@ operations on contiguous memory:
 
 ``reverse=True`` runs from the last step to the first (the backward half of a bidirectional
 layer); its output is still in the input's time order.
+
+Variable-length sequences: an optional bool mask (batch, time), True on the steps that hold
+data, makes a padded step *hold* the state (``h_t = h_{t-1}``, and ``c_t = c_{t-1}``) and output
+zeros, as PyTorch's packed sequences do. So the state after the last step is the state after
+each sequence's last valid step, and a reversed pass starts at each sequence's last valid step
+(what a bidirectional layer needs). The same step loops run it: after each step the forward
+puts the held states back where the mask is False, and the backward sees a padded step as one
+whose gates pass the state through unchanged, its gradient with them (the cells' precomputed
+derivatives are zeroed on those steps, so the step's input and weights get no gradient).
 """
 
 from __future__ import annotations
@@ -47,8 +56,9 @@ class Recurrent(ge.Operator):
 
     Inputs: ``x`` (batch, time, features), ``W`` (features, gates*units), ``U`` (units,
     gates*units), ``b`` (gates*units,), the cell's ``extra_params`` (each (units,)), then
-    optionally the initial states (each (batch, units)). Output: (batch, time, units) with
-    ``return_sequences``, else the state after the last step (batch, units).
+    optionally the initial states (each (batch, units)), then, when ``masked``, the bool mask
+    (batch, time) of the valid steps. Output: (batch, time, units) with ``return_sequences``
+    (zeros on padded steps), else the state after the last step (batch, units).
 
     Keeps on its context what backward reads, feature-major: the inputs with their ones row, the
     hidden states, the cell's activations; not the input arrays themselves.
@@ -63,17 +73,26 @@ class Recurrent(ge.Operator):
     states: ClassVar[tuple[str, ...]] = ("h",)
     extra_params: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, return_sequences: bool = False, reverse: bool = False) -> None:
+    def __init__(self, return_sequences: bool = False, reverse: bool = False, masked: bool = False) -> None:
         self.return_sequences = bool(return_sequences)
         self.reverse = bool(reverse)
+        self.masked = bool(masked)
 
     def config(self) -> dict[str, Any]:
-        return {"return_sequences": self.return_sequences, "reverse": self.reverse}
+        return {"return_sequences": self.return_sequences, "reverse": self.reverse, "masked": self.masked}
+
+    def split_inputs(self, rest: tuple) -> tuple[tuple, tuple, Any]:
+        """The inputs after ``x, W, U, b`` as (extra parameters, initial states, mask or None)."""
+        extras, rest = rest[:len(self.extra_params)], rest[len(self.extra_params):]
+        if self.masked and rest:
+            return extras, rest[:-1], rest[-1]
+        return extras, rest, None
 
     def infer(self, x: TensorSpec, w: TensorSpec, u: TensorSpec, b: TensorSpec,
               *rest: TensorSpec) -> TensorSpec:
         require_float(x)
-        dtype = same_dtype(x, w, u, b, *rest)
+        extras, initial, mask = self.split_inputs(rest)
+        dtype = same_dtype(x, w, u, b, *extras, *initial)
         if x.ndim != 3 or x.shape[2] is None:
             raise ShapeError(f"{self.kind} takes (batch, time, features) with known features, "
                              f"got {x.shape}")
@@ -84,12 +103,13 @@ class Recurrent(ge.Operator):
         units = u.shape[0]
         width = self.gates * units
         expected = {"W": (w, (x.shape[2], width)), "U": (u, (units, width)), "b": (b, (width,))}
-        extras = rest[:len(self.extra_params)]
-        initial = rest[len(self.extra_params):]
-        if len(extras) != len(self.extra_params) or len(initial) not in (0, len(self.states)):
-            raise ShapeError(f"{self.kind} takes x, W, U, b{''.join(', ' + p for p in self.extra_params)} "
-                             f"and optionally the initial {', '.join(self.states)}; got "
-                             f"{4 + len(rest)} inputs")
+        if (len(extras) != len(self.extra_params) or len(initial) not in (0, len(self.states))
+                or self.masked and mask is None):
+            raise ShapeError(f"{self.kind} takes x, W, U, b{''.join(', ' + p for p in self.extra_params)}, "
+                             f"optionally the initial {', '.join(self.states)}"
+                             f"{', then the mask' if self.masked else ''}; got {4 + len(rest)} inputs")
+        if mask is not None:
+            check_sequence_mask(mask, x.shape, self.kind)
         expected.update({p: (s, (units,)) for p, s in zip(self.extra_params, extras)})
         for name, (spec, shape) in expected.items():
             if spec.shape != shape:
@@ -110,8 +130,9 @@ class Recurrent(ge.Operator):
         return view[::-1] if self.reverse else view
 
     def forward(self, ctx, xp, x, w, u, b, *rest):
-        extras = rest[:len(self.extra_params)]
-        initial = rest[len(self.extra_params):]
+        extras, initial, mask = self.split_inputs(rest)
+        # (time, 1, batch) in visiting order: broadcasts against a step's (units, batch) state
+        ctx.valid = None if mask is None else self._time_major(mask[:, :, None])
         batch, steps, features = x.shape
         units = u.shape[0]
         # (features + 1, time, batch): backward contracts it over (time, batch) in one product.
@@ -130,12 +151,17 @@ class Recurrent(ge.Operator):
         if not self.return_sequences:
             return xp.ascontiguousarray(hidden[steps].T)
         outputs = hidden[:0:-1] if self.reverse else hidden[1:]
-        return xp.ascontiguousarray(outputs.transpose(2, 0, 1))
+        outputs = xp.ascontiguousarray(outputs.transpose(2, 0, 1))
+        if mask is not None:
+            outputs *= mask[:, :, None]
+        return outputs
 
     def backward(self, ctx, xp, inputs, output, grad):
         steps, units, batch = ctx.hidden.shape[0] - 1, ctx.hidden.shape[1], ctx.hidden.shape[2]
         if self.return_sequences:
             grad_outputs = xp.ascontiguousarray(self._time_major(grad))
+            if ctx.valid is not None:  # padded steps output zeros: no gradient comes back
+                grad_outputs *= ctx.valid
             grad_last = xp.zeros((units, batch), dtype=grad.dtype)
         else:
             grad_outputs, grad_last = None, grad.T.copy()  # the cells may add into it
@@ -154,13 +180,33 @@ class Recurrent(ge.Operator):
             grad_x = xp.ascontiguousarray(
                 (grad_x[:, ::-1] if self.reverse else grad_x).transpose(2, 1, 0))
         grads = (grad_x, grad_wb[:-1], grad_u, grad_wb[-1], *grad_extras)
-        return grads + tuple(xp.ascontiguousarray(s.T) for s in grad_states[:ctx.initial_states])
+        grads += tuple(xp.ascontiguousarray(s.T) for s in grad_states[:ctx.initial_states])
+        return grads + (None,) * self.masked
 
     @staticmethod
     def step_grad(carry: Any, grad_outputs: Any, k: int) -> Any:
         """Gradient reaching the hidden state of step ``k``: from the next step, and from the
         output at ``k`` when the whole sequence is returned."""
         return carry if grad_outputs is None else carry + grad_outputs[k]
+
+    @staticmethod
+    def hold_padded(ctx: Any, xp: Any, k: int, *states: Any) -> None:
+        """After step ``k``: where the step is padded, each state (time + 1, units, batch)
+        keeps its value from before the step."""
+        if ctx.valid is not None:
+            for state in states:
+                state[k + 1] = xp.where(ctx.valid[k], state[k + 1], state[k])
+
+    @staticmethod
+    def padded_steps(ctx: Any, *per_step: Any) -> Any | None:
+        """Zero the per-step derivatives ``per_step`` (time, n, batch) on padded steps, in place,
+        so that nothing flows through the cell there; returns where the steps are padded, (time,
+        1, batch) bool, or None without a mask."""
+        if ctx.valid is None:
+            return None
+        for values in per_step:
+            values *= ctx.valid
+        return ~ctx.valid
 
     # -- the cell: subclasses ----------------------------------------------------------------
 
@@ -185,25 +231,50 @@ def _steps_as_columns(xp: Any, per_step: Any) -> Any:
 
 
 class SimpleRNN(Recurrent):
-    """Elman: ``h_t = tanh(x_t W + h_{t-1} U + b)``."""
+    """Elman: ``h_t = f(x_t W + h_{t-1} U + b)``, ``f`` tanh or relu (``activation``)."""
 
     kind = "rnn"
     gates = 1
     scales = (1.0,)
+    ACTIVATIONS: ClassVar[tuple[str, ...]] = ("tanh", "relu")
+
+    def __init__(self, return_sequences: bool = False, reverse: bool = False, masked: bool = False,
+                 activation: str = "tanh") -> None:
+        super().__init__(return_sequences, reverse, masked)
+        self.activation = self.checked_activation(activation)
+
+    @classmethod
+    def checked_activation(cls, activation: str) -> str:
+        if activation not in cls.ACTIVATIONS:
+            raise GraphBuildError(f"rnn activation must be one of {', '.join(cls.ACTIVATIONS)}, "
+                                  f"got {activation!r}")
+        return activation
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "activation": self.activation}
 
     def run(self, ctx, xp, projection, hidden, u_t, extras, initial):
         for k in range(projection.shape[0]):
             z = xp.matmul(u_t, hidden[k], out=hidden[k + 1])
             z += projection[k]
-            xp.tanh(z, out=z)
+            if self.activation == "tanh":
+                xp.tanh(z, out=z)
+            else:
+                xp.maximum(z, 0, out=z)
+            self.hold_padded(ctx, xp, k, hidden)
 
     def run_backward(self, ctx, xp, u, grad_last, grad_outputs):
-        derivative = 1 - ctx.hidden[1:] ** 2
+        outputs = ctx.hidden[1:]  # both derivatives are functions of the output
+        derivative = 1 - outputs ** 2 if self.activation == "tanh" else (outputs > 0).astype(outputs.dtype)
+        padded = self.padded_steps(ctx, derivative)
         grad_z = xp.empty_like(derivative)
         carry = grad_last
         for k in range(derivative.shape[0] - 1, -1, -1):
-            xp.multiply(self.step_grad(carry, grad_outputs, k), derivative[k], out=grad_z[k])
+            dh = self.step_grad(carry, grad_outputs, k)
+            xp.multiply(dh, derivative[k], out=grad_z[k])
             carry = u @ grad_z[k]
+            if padded is not None:  # a held state passes its gradient on unchanged
+                carry += dh * padded[k]
         return grad_z, grad_z, (), (carry,)
 
 
@@ -238,6 +309,7 @@ class LSTM(Recurrent):
             c += xp.multiply(a[:units], a[sig:], out=kept)
             xp.tanh(c, out=tanh_cells[k])
             xp.multiply(a[2 * units:sig], tanh_cells[k], out=hidden[k + 1])
+            self.hold_padded(ctx, xp, k, hidden, cells)
 
     def run_backward(self, ctx, xp, u, grad_last, grad_outputs):
         acts, cells, tanh_cells = ctx.acts, ctx.cells, ctx.tanh_cells
@@ -253,20 +325,25 @@ class LSTM(Recurrent):
         xp.subtract(1, derivative[:, g], out=derivative[:, g])
         out_through_tanh = 1 - tanh_cells ** 2
         out_through_tanh *= acts[:, o]
+        padded = self.padded_steps(ctx, derivative, out_through_tanh)
+        # What of c_{t-1} reaches c_t: the forget gate, all of it on a padded step.
+        forget = acts[:, f] if padded is None else xp.where(padded, 1, acts[:, f])
         grad_z = xp.empty_like(acts)
         carry, grad_c = grad_last, xp.zeros((units, batch), dtype=acts.dtype)
+        through_h = xp.empty_like(grad_c)
         for k in range(steps - 1, -1, -1):
             a, dz = acts[k], grad_z[k]
             dh = self.step_grad(carry, grad_outputs, k)
             xp.multiply(dh, tanh_cells[k], out=dz[o])
-            dh *= out_through_tanh[k]
-            grad_c += dh
+            grad_c += xp.multiply(dh, out_through_tanh[k], out=through_h)
             xp.multiply(grad_c, a[g], out=dz[i])
             xp.multiply(grad_c, cells[k], out=dz[f])
             xp.multiply(grad_c, a[i], out=dz[g])
             dz *= derivative[k]
-            grad_c *= a[f]
+            grad_c *= forget[k]
             carry = u @ dz
+            if padded is not None:  # a held state passes its gradient on unchanged
+                carry += dh * padded[k]
         return grad_z, grad_z, (), (carry, grad_c)
 
 
@@ -302,6 +379,7 @@ class GRU(Recurrent):
             h = xp.subtract(hidden[k], n, out=hidden[k + 1])
             h *= rz[units:]
             h += n
+            self.hold_padded(ctx, xp, k, hidden)
 
     def run_backward(self, ctx, xp, u, grad_last, grad_outputs):
         gates, candidates, hidden_n, hidden = ctx.gate_values, ctx.candidates, ctx.hidden_n, ctx.hidden
@@ -312,6 +390,9 @@ class GRU(Recurrent):
         through_z = hidden[:steps] - candidates
         through_n = 1 - candidates ** 2
         through_n *= 1 - gates[:, z]
+        padded = self.padded_steps(ctx, through_z, through_n)
+        # What of h_{t-1} reaches h_t directly: the update gate, all of it on a padded step.
+        kept = gates[:, z] if padded is None else xp.where(padded, 1, gates[:, z])
         grad_projection = xp.empty((steps, 3 * units, batch), dtype=gates.dtype)
         grad_recurrent = xp.empty_like(grad_projection)
         carry = grad_last
@@ -324,7 +405,7 @@ class GRU(Recurrent):
             dp[:2 * units] *= derivative[k]
             dr[:2 * units] = dp[:2 * units]
             xp.multiply(dp[n], rz[r], out=dr[n])
-            carry = dh * rz[z]
+            carry = dh * kept[k]
             carry += u @ dr
         grad_bh = grad_recurrent[:, n].sum(axis=(0, 2))
         return grad_projection, grad_recurrent, (grad_bh,), (carry,)
@@ -351,12 +432,31 @@ def _check_sequence(x, kind: str) -> None:
                          f"from {x.name!r}")
 
 
+def check_sequence_mask(mask: TensorSpec, sequence: tuple, kind: str) -> None:
+    """Raise ShapeError unless ``mask`` is a bool (batch, time) mask for a (batch, time,
+    features) ``sequence``."""
+    if mask.dtype != "bool" or mask.shape != tuple(sequence[:2]):
+        raise ShapeError(f"{kind}: the mask must be bool (batch, time) = {tuple(sequence[:2])}, True "
+                         f"on the valid steps, for the sequence {tuple(sequence)}; got {mask}")
+
+
+def _split_mask(kind: str, x, inputs: tuple) -> tuple[tuple, Any]:
+    """The inputs after ``x`` as (initial states, mask or None): a bool input, last, is the mask."""
+    if inputs and inputs[-1].dtype == "bool":
+        check_sequence_mask(inputs[-1].node.spec, x.shape, f"{kind} on {x.name!r}")
+        return inputs[:-1], inputs[-1]
+    return inputs, None
+
+
 class RecurrentLayer(ge.Layer):
     """``rnn`` / ``lstm`` / ``gru(units, return_sequences=False, num_layers=1, reverse=False)``.
 
     Input (batch, time, features); output (batch, time, units) with ``return_sequences``, else
     the last step's (batch, units). ``num_layers`` stacks layers (scopes ``layer0``, ...).
-    Optional inputs after ``x``: the initial state(s), (batch, units) each (LSTM: h then c).
+    Optional inputs after ``x``: the initial state(s), (batch, units) each (LSTM: h then c),
+    then a bool mask (batch, time), True on valid steps, for sequences of different lengths
+    (``g.layer("lstm", x, mask, units=8)``): padded steps hold the state and output zeros, so
+    the last step's state is each sequence's last valid one (PyTorch's packed sequences).
     Parameters ``W`` (features, gates*units), ``U`` (units, gates*units), ``b``.
     """
 
@@ -374,9 +474,14 @@ class RecurrentLayer(ge.Layer):
         self.init, self.recurrent_init = init, recurrent_init
         self.bias = bias_init or self.bias_init
 
-    def build(self, g, x, *initial):
+    def operator_options(self) -> dict[str, Any]:
+        """Options of the operator beyond those every recurrent operator takes."""
+        return {}
+
+    def build(self, g, x, *inputs):
         kind = self.operator.kind
         _check_sequence(x, kind)
+        initial, mask = _split_mask(kind, x, inputs)
         if initial and self.num_layers > 1:
             raise GraphBuildError(f"{kind}: an initial state goes with num_layers=1; stack "
                                   f"single layers to give each its own")
@@ -391,13 +496,23 @@ class RecurrentLayer(ge.Layer):
                       g.parameter("b", (width,), init=self.bias, dtype=h.dtype)]
             params += [g.parameter(p, (self.units,), init="zeros", dtype=h.dtype)
                        for p in self.operator.extra_params]
-            return g.apply(self.operator(return_sequences, self.reverse), h, *params, *initial)
+            op = self.operator(return_sequences, self.reverse, mask is not None, **self.operator_options())
+            return g.apply(op, h, *params, *initial, *([mask] if mask is not None else []))
 
         return _stack(g, x, self.num_layers, self.return_sequences, build_one)
 
 
 class RNNLayer(RecurrentLayer):
+    """``rnn(units, activation="tanh", ...)``: the Elman layer, ``activation`` "tanh" or "relu"."""
+
     operator = SimpleRNN
+
+    def __init__(self, units: int, activation: str = "tanh", **options: Any) -> None:
+        super().__init__(units, **options)
+        self._config["activation"] = self.activation = SimpleRNN.checked_activation(activation)
+
+    def operator_options(self) -> dict[str, Any]:
+        return {"activation": self.activation}
 
 
 class LSTMLayer(RecurrentLayer):
@@ -416,6 +531,8 @@ class Bidirectional(ge.Layer):
     it; without, the result joins the forward pass's last state with the backward pass's state
     after reading back to the first step. Stacked layers each read both directions of the
     previous one. Other arguments go to each direction's layer (scopes ``forward``/``backward``).
+    An optional bool mask (batch, time) after ``x`` goes to both directions: the backward one
+    then starts at each sequence's last valid step.
     """
 
     def __init__(self, layer: str = "lstm", merge: str = "concat", num_layers: int = 1,
@@ -430,15 +547,17 @@ class Bidirectional(ge.Layer):
         self.num_layers = require_int(num_layers, "num_layers")
         self.return_sequences = return_sequences
 
-    def build(self, g, x, *initial):
+    def build(self, g, x, *inputs):
         _check_sequence(x, "bidirectional")
+        initial, mask = _split_mask("bidirectional", x, inputs)
         if initial:
             raise GraphBuildError("bidirectional takes no initial state; build the two "
                                   "directions by hand with reverse=True to give them one")
+        masks = [mask] if mask is not None else []
 
         def build_one(h, return_sequences):
             forward, backward = (
-                g.layer(self.layer, h, name=direction, return_sequences=return_sequences,
+                g.layer(self.layer, h, *masks, name=direction, return_sequences=return_sequences,
                         reverse=direction == "backward", **self.config_)
                 for direction in ("forward", "backward"))
             return ge.concat([forward, backward], axis=-1) if self.merge == "concat" else forward + backward

@@ -138,7 +138,7 @@ def test_float32_stays_float32():
         assert out.dtype == np.float32
         assert pool.backward(ctx, np, (None,), None, np.ones_like(out))[0].dtype == np.float32
     assert y.dtype == np.float32
-    grads = conv.backward(conv_ctx, np, (None,) * 3, None, np.ones_like(y))
+    grads = conv.backward(conv_ctx, np, (x, None, None), None, np.ones_like(y))  # keeps its input
     assert all(g.dtype == np.float32 for g in grads)
 
 

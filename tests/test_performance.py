@@ -351,7 +351,7 @@ def test_run_state_lives_on_the_tape_and_is_dropped_with_it():
     model.forward(images)
     assert vars(conv) == before  # the operator keeps nothing of the run
     index = [s.name for s in model.tape.plan.steps].index("conv/conv2d")
-    assert model.tape.contexts[index].cols is not None  # the tape keeps it for the backward
+    assert model.tape.contexts[index].kernel is not None  # the tape keeps it for the backward
     model.backward()
     assert model.tape.contexts == []  # released with the backward
     reference = {k: v.copy() for k, v in model.gradients().items()}

@@ -41,20 +41,20 @@ def test_builtins_come_through_entry_points():
 
 def test_example_third_party_plugin_is_found_and_works():
     manager = ge.get_plugin_manager()
-    entry = manager.activations.entry("swish")
+    entry = manager.activations.entry("swish_beta")
     assert entry.plugin == "swish" and entry.distribution == "graphengine-swish"
     g = ge.Graph()
     x = g.input("x", shape=(None, 4))
     h = g.layer("residual_dense", x)
-    out = g.activation("swish", h, beta=2.0)
+    out = g.activation("swish_beta", h, beta=2.0)
     model = g.compile(outputs=[out])
     assert model.predict({"x": np.ones((3, 4))}).shape == (3, 4)
 
 
 def test_example_plugin_activation_gradient(backend):
     from graphengine.ir.contracts import ActivationOp
-    swish = ge.get_plugin_manager().activations.get("swish")
-    check_backward(lambda: ActivationOp("swish", swish(beta=1.5)),
+    swish = ge.get_plugin_manager().activations.get("swish_beta")
+    check_backward(lambda: ActivationOp("swish_beta", swish(beta=1.5)),
                    [np.random.default_rng(0).standard_normal((3, 4))], backend=backend)
 
 
@@ -63,7 +63,7 @@ def test_plugins_command_lists_the_example_package_as_json():
                          capture_output=True, text=True, check=True).stdout
     plugins = {p["name"]: p for p in json.loads(out)}
     assert plugins["swish"]["distribution"] == "graphengine-swish"
-    assert plugins["swish"]["registered"] == {"activations": ["swish"], "layers": ["residual_dense"]}
+    assert plugins["swish"]["registered"] == {"activations": ["swish_beta"], "layers": ["residual_dense"]}
     assert "dense" in plugins["layers"]["registered"]["layers"]
 
 

@@ -359,3 +359,19 @@ def test_save_and_resume_on_every_backend(tmp_path, backend):
     for name, value in model.parameters().items():
         assert np.array_equal(model.backend.to_numpy(value),
                               loaded.backend.to_numpy(loaded.parameters()[name])), name
+
+
+def test_scalar_constants_keep_their_shape_through_a_file(tmp_path):
+    """``3 - x``, ``2 ** x`` and a scalar sum's start are 0-d constants: a file that made them
+    1-d changed the graph it rebuilt (a scalar loss became (1,) and could not load)."""
+    g = ge.Graph("scalars")
+    x = g.input("x", (None, 2))
+    h = g.layer("dense", x, units=2)
+    loss = sum(((3 - h) ** 2).mean(axis=1).mean() for _ in range(2)) + (2 ** h).mean()
+    model = g.compile(loss, outputs=[h], optimizer="sgd")
+    model.save(tmp_path / "m.ge")
+    loaded = ge.load(tmp_path / "m.ge")
+    constants = [n for n, node in g.nodes.items() if node.kind == "constant"]
+    assert constants and all(loaded.graph.nodes[n].shape == () for n in constants)
+    feeds = {"x": np.ones((3, 2), np.float32)}
+    assert loaded.forward(feeds) == model.forward(feeds)

@@ -216,7 +216,7 @@ def compile_with(**options):
     (lambda: compile_with(optimizer="sgd", clipnorm=1.0),
      "Graph.compile() has no option 'clipnorm'. Did you mean 'clip_norm'? Its options: loss, "),
     (lambda: ge.optimizer("sgd", learning_rate=0.1),
-     "got an unexpected keyword argument 'learning_rate'. Did you mean 'lr'? Its options: lr."),
+     "got an unexpected keyword argument 'learning_rate'. Did you mean 'lr'? Its options: lr, weight_decay."),
     (lambda: ge.optimizer("adam", beta_1=0.8), "Did you mean 'beta1'? Its options: lr, beta1"),
     (lambda: build_dense_with(unit=3), "Did you mean 'units' or 'init'? Its options: units, init"),
     (positional_units, "layer 'dense': 10 given by position, where layer options are keywords: "

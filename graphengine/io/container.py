@@ -235,7 +235,7 @@ def encode(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> li
     # Widest items first: behind the header (padded to 8 bytes), every tensor is then aligned
     # to its item size, as safetensors lays them out.
     for name in sorted(tensors, key=lambda n: (-np.asarray(tensors[n]).dtype.itemsize, n)):
-        array = np.ascontiguousarray(tensors[name])
+        array = np.asarray(tensors[name], order="C")  # not ascontiguousarray: it makes 0-d 1-d
         code = CODES.get(array.dtype.name)
         if code is None:
             raise SerializationError(f"tensor {name!r} has dtype {array.dtype}, which a model "

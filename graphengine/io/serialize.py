@@ -90,7 +90,7 @@ def save(model: Model, path: str | os.PathLike, *, training_state: bool = True) 
 
 
 def _put(tensors: dict[str, np.ndarray], key: str, array: Any) -> str:
-    tensors[key] = np.ascontiguousarray(array)
+    tensors[key] = np.asarray(array, order="C")  # not ascontiguousarray: it makes 0-d 1-d
     return key
 
 

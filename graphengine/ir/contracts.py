@@ -106,7 +106,9 @@ class Loss:
     softmax cross-entropy), and ``accuracy`` gives the fraction classified correctly.
     """
 
-    #: The dtype family the target must have: "float" or "int".
+    #: The dtype family the target must have: "float", "int", or "any" for a loss that takes
+    #: both (softmax cross-entropy: class labels, or per-class probabilities); ``check`` then
+    #: tells them apart by ``target.dtype``.
     target_kind: ClassVar[str] = "float"
     #: The activation this loss applies to its prediction itself (softmax cross-entropy from
     #: logits: "softmax"), if any: a prediction that is that activation's output is a mistake
@@ -155,7 +157,7 @@ class LossOp(Operator):
     def infer(self, pred: TensorSpec, target: TensorSpec) -> TensorSpec:
         require_float(pred, "prediction")
         family = "int" if target.dtype.startswith(("int", "uint")) else "float"
-        if family != self.loss.target_kind:
+        if self.loss.target_kind not in (family, "any"):
             raise ShapeError(f"target must be {self.loss.target_kind}, got {target.dtype}: declare "
                              f"the target input with dtype="
                              f"{'int64' if self.loss.target_kind == 'int' else 'float32'!r}")

@@ -11,6 +11,7 @@ and a mismatch raises :class:`ShapeError` before anything runs.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -18,9 +19,11 @@ from typing import Any, ClassVar
 from ..errors import ShapeError
 
 Shape = tuple[int | None, ...]
+#: The element types a graph's tensors may have.
+DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorSpec:
     """What is known of a tensor at build time."""
 
@@ -137,7 +140,8 @@ def same_dtype(*specs: TensorSpec) -> str:
     dtypes = {s.dtype for s in specs}
     if len(dtypes) > 1:
         raise ShapeError(f"dtypes differ: {' vs '.join(s.dtype for s in specs)}; "
-                         f"cast one side explicitly (graphengine never upcasts silently)")
+                         f"cast one side explicitly, e.g. x.astype({specs[0].dtype!r}) "
+                         f"(graphengine never upcasts silently)")
     return specs[0].dtype
 
 
@@ -372,6 +376,130 @@ class Maximum(Binary):
                 unbroadcast(xp, grad * ~first, b.shape))
 
 
+class Power(Binary):
+    """``a ** b`` with a tensor exponent (``2 ** x``, ``x ** y``); ``x ** 3.0`` is :class:`Pow`.
+    Where ``a == 0`` the exponent's gradient is 0 (not ``0 * log 0``) and where ``b == 0``
+    the base's gradient is 0, as in torch.pow."""
+
+    kind = "power"
+    retain_inputs = (0, 1)
+    retain_output = True
+
+    def infer(self, a, b):
+        spec = super().infer(a, b)
+        require_float(spec)
+        return spec
+
+    def forward(self, ctx, xp, a, b):
+        return xp.power(a, b)
+
+    def backward(self, ctx, xp, inputs, output, grad):
+        a, b = inputs
+        grad_a = grad_b = None
+        if ctx.grad_wanted(0):
+            slope = xp.where(b == 0, 0, b * xp.power(a, b - 1))
+            grad_a = unbroadcast(xp, grad * slope, a.shape)
+        if ctx.grad_wanted(1):
+            log_a = xp.log(xp.where(a == 0, 1, a))
+            grad_b = unbroadcast(xp, grad * output * log_a, b.shape)
+        return grad_a, grad_b
+
+
+class Clip(Operator):
+    """``x`` limited to ``[lo, hi]``; ``None`` leaves that side open. The gradient passes where
+    ``lo <= x <= hi``, the bounds included (as torch.clamp's)."""
+
+    kind = "clip"
+    retain_inputs = (0,)
+
+    def __init__(self, lo: float | None = None, hi: float | None = None) -> None:
+        self.lo = None if lo is None else float(lo)
+        self.hi = None if hi is None else float(hi)
+
+    def config(self):
+        return {"lo": self.lo, "hi": self.hi}
+
+    def infer(self, x):
+        require_float(x)
+        bounds = [v for v in (self.lo, self.hi) if v is not None]
+        if not bounds or any(math.isnan(v) for v in bounds):
+            raise ShapeError(f"clip needs a lower bound, an upper bound or both (numbers, not "
+                             f"NaN), got lo={self.lo}, hi={self.hi}")
+        if len(bounds) == 2 and self.lo > self.hi:
+            raise ShapeError(f"clip needs lo <= hi, got lo={self.lo} > hi={self.hi}")
+        return x
+
+    def forward(self, ctx, xp, x):
+        return xp.clip(x, self.lo, self.hi)
+
+    def backward(self, ctx, xp, inputs, output, grad):
+        (x,) = inputs
+        if self.lo is not None:
+            grad = grad * (x >= self.lo)
+        if self.hi is not None:
+            grad = grad * (x <= self.hi)
+        return (grad,)
+
+
+class Where(Operator):
+    """``a`` where the bool ``cond`` holds, else ``b``, all three broadcast together
+    (numpy.where, torch.where). ``cond`` receives no gradient."""
+
+    kind = "where"
+    retain_inputs = (0,)
+    nondifferentiable_inputs = (0,)
+
+    def infer(self, cond, a, b):
+        if cond.dtype != "bool":
+            raise ShapeError(f"the condition of where must be bool, got {cond.dtype}: feed a bool "
+                             f"input or constant, or cast it with .astype('bool')")
+        dtype = same_dtype(a, b)
+        return TensorSpec(broadcast_shapes(broadcast_shapes(cond.shape, a.shape), b.shape), dtype)
+
+    def forward(self, ctx, xp, cond, a, b):
+        ctx.shapes = (a.shape, b.shape)
+        return xp.where(cond, a, b)
+
+    def backward(self, ctx, xp, inputs, output, grad):
+        cond = inputs[0]
+        grad_a = unbroadcast(xp, xp.where(cond, grad, 0), ctx.shapes[0]) if ctx.grad_wanted(1) else None
+        grad_b = unbroadcast(xp, xp.where(cond, 0, grad), ctx.shapes[1]) if ctx.grad_wanted(2) else None
+        return None, grad_a, grad_b
+
+
+def is_float(dtype: str) -> bool:
+    return dtype.startswith("float")
+
+
+class Astype(Operator):
+    """The tensor cast to ``dtype``. Gradients flow through a cast between float types (cast
+    back to the input's type); a cast to an integer or bool type is piecewise constant, and
+    passes none, as in PyTorch."""
+
+    kind = "astype"
+
+    def __init__(self, dtype: str) -> None:
+        self.dtype = str(dtype)
+        if not is_float(self.dtype):
+            self.nondifferentiable_inputs = (0,)
+
+    def config(self):
+        return {"dtype": self.dtype}
+
+    def infer(self, x):
+        if self.dtype not in DTYPES:
+            raise ShapeError(f"cannot cast to dtype {self.dtype!r}; supported dtypes: "
+                             f"{', '.join(DTYPES)}")
+        return TensorSpec(x.shape, self.dtype)
+
+    def forward(self, ctx, xp, x):
+        ctx.dtype = x.dtype
+        return x.astype(self.dtype)
+
+    def backward(self, ctx, xp, inputs, output, grad):
+        return (grad.astype(ctx.dtype),)
+
+
 # --------------------------------------------------------------------------- reductions
 
 class Reduction(Operator):
@@ -421,9 +549,100 @@ class Mean(Reduction):
         return (self.expand(xp, grad / count, ctx.shape),)
 
 
+class Extremum(Reduction):
+    """The largest (``max``) or smallest (``min``) element along ``axis``. Where elements tie
+    for it, the gradient is split evenly among them, as torch.amax/amin split it."""
+
+    retain_inputs = (0,)
+    retain_output = True
+    pick: ClassVar[str]
+
+    def forward(self, ctx, xp, x):
+        return getattr(xp, self.pick)(x, axis=self.axes, keepdims=self.keepdims)
+
+    def backward(self, ctx, xp, inputs, output, grad):
+        (x,) = inputs
+        ties = (x == self.expand(xp, output, x.shape)).astype(x.dtype)
+        ties /= ties.sum(axis=self.axes, keepdims=True)
+        return (ties * self.expand(xp, grad, x.shape),)
+
+
+class Max(Extremum):
+    kind = "max"
+    pick = "max"
+
+
+class Min(Extremum):
+    kind = "min"
+    pick = "min"
+
+
+class Var(Reduction):
+    """Variance along ``axis``: the squared deviations from the mean, summed and divided by
+    ``N - ddof``. ``ddof=0`` (the default) is numpy's ``var`` and torch's ``var(x,
+    correction=0)``; ``ddof=1`` is torch's default, the unbiased estimate."""
+
+    kind = "var"
+    retain_inputs = (0,)
+
+    def __init__(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False,
+                 ddof: int = 0) -> None:
+        super().__init__(axis, keepdims)
+        self.ddof = operator.index(ddof)
+
+    def config(self):
+        return {**super().config(), "ddof": self.ddof}
+
+    def infer(self, x):
+        require_float(x)
+        spec = super().infer(x)
+        sizes = [x.shape[a] for a in self.axes]
+        if None not in sizes and math.prod(sizes) <= self.ddof:
+            raise ShapeError(f"{self.kind} over axes {self.axes} of {x.shape} averages "
+                             f"{math.prod(sizes)} elements, which ddof={self.ddof} leaves "
+                             f"without a degree of freedom; lower ddof")
+        return spec
+
+    def forward(self, ctx, xp, x):
+        return xp.var(x, axis=self.axes, keepdims=self.keepdims, ddof=self.ddof)
+
+    def backward(self, ctx, xp, inputs, output, grad):
+        return (self.deviation_grad(xp, inputs[0], grad),)
+
+    def deviation_grad(self, xp, x, grad):
+        """The gradient of the variance: ``2 (x - mean) / (N - ddof)`` times ``grad``."""
+        count = math.prod(x.shape[a] for a in self.axes) - self.ddof
+        deviation = x - x.mean(axis=self.axes, keepdims=True)
+        return deviation * self.expand(xp, grad * (2.0 / count), x.shape)
+
+
+class Std(Var):
+    """Standard deviation along ``axis``, the root of :class:`Var` (same ``ddof``). Where it
+    is 0 (constant input) the gradient is 0; torch's is NaN there."""
+
+    kind = "std"
+    retain_output = True
+
+    def forward(self, ctx, xp, x):
+        return xp.sqrt(xp.var(x, axis=self.axes, keepdims=self.keepdims, ddof=self.ddof))
+
+    def backward(self, ctx, xp, inputs, output, grad):
+        # d std = d var / (2 std); an infinite divisor turns the 0/0 of a constant input into 0
+        safe = xp.where(output == 0, math.inf, output)
+        return (self.deviation_grad(xp, inputs[0], grad / (2 * safe)),)
+
+
 # --------------------------------------------------------------------------- shape manipulation
 
-class Reshape(Operator):
+class Regroup(Operator):
+    """An operator that only regroups the elements (reshape, squeeze, expand_dims): its
+    gradient is the output's gradient in the input's shape."""
+
+    def backward(self, ctx, xp, inputs, output, grad):
+        return (grad.reshape(ctx.in_shape),)
+
+
+class Reshape(Regroup):
     """Reshape; ``None`` in the target shape keeps the batch dimension (axis 0) as it is."""
 
     kind = "reshape"
@@ -475,8 +694,55 @@ class Reshape(Operator):
         ctx.in_shape = x.shape
         return x.reshape(tuple(x.shape[0] if d is None else d for d in self.shape))
 
-    def backward(self, ctx, xp, inputs, output, grad):
-        return (grad.reshape(ctx.in_shape),)
+
+class Squeeze(Regroup):
+    """Remove axes of size 1: those of ``axis`` (an int or a tuple; each must have size 1),
+    or with None every axis of size 1 (a batch axis, of unknown size, stays)."""
+
+    kind = "squeeze"
+
+    def __init__(self, axis: int | tuple[int, ...] | None = None) -> None:
+        self.axis = tuple(axis) if isinstance(axis, list) else axis
+
+    def config(self):
+        return {"axis": self.axis}
+
+    def infer(self, x):
+        if self.axis is None:
+            self.axes = tuple(i for i, d in enumerate(x.shape) if d == 1)
+        else:
+            self.axes = normalize_axis(self.axis, x.ndim)
+            wide = {a: x.shape[a] for a in self.axes if x.shape[a] != 1}
+            if wide:
+                raise ShapeError(f"squeeze removes axes of size 1; axes {sorted(wide)} of "
+                                 f"{x.shape} have sizes {list(wide.values())}")
+        return TensorSpec(tuple(d for i, d in enumerate(x.shape) if i not in self.axes), x.dtype)
+
+    def forward(self, ctx, xp, x):
+        ctx.in_shape = x.shape
+        return xp.squeeze(x, axis=self.axes)
+
+
+class ExpandDims(Regroup):
+    """Insert an axis of size 1 at position ``axis`` of the output (torch.unsqueeze)."""
+
+    kind = "expand_dims"
+
+    def __init__(self, axis: int) -> None:
+        self.axis = operator.index(axis)
+
+    def config(self):
+        return {"axis": self.axis}
+
+    def infer(self, x):
+        (self.resolved_axis,) = normalize_axis(self.axis, x.ndim + 1)
+        shape = list(x.shape)
+        shape.insert(self.resolved_axis, 1)
+        return TensorSpec(tuple(shape), x.dtype)
+
+    def forward(self, ctx, xp, x):
+        ctx.in_shape = x.shape
+        return xp.expand_dims(x, self.resolved_axis)
 
 
 class Transpose(Operator):
@@ -540,6 +806,83 @@ class Concat(Operator):
         return tuple(xp.split(grad, bounds, axis=self.resolved_axis))
 
 
+class Stack(Operator):
+    """Join tensors of one shape along a new axis ``axis`` of the output (numpy.stack)."""
+
+    kind = "stack"
+
+    def __init__(self, axis: int = 0) -> None:
+        self.axis = operator.index(axis)
+
+    def config(self):
+        return {"axis": self.axis}
+
+    def infer(self, *xs):
+        if not xs:
+            raise ShapeError("stack needs at least one tensor")
+        dtype = same_dtype(*xs)
+        if len({x.shape for x in xs}) > 1:
+            raise ShapeError(f"stack needs tensors of one shape, got {[x.shape for x in xs]}")
+        (self.resolved_axis,) = normalize_axis(self.axis, xs[0].ndim + 1)
+        shape = xs[0].shape
+        return TensorSpec(shape[:self.resolved_axis] + (len(xs),) + shape[self.resolved_axis:], dtype)
+
+    def forward(self, ctx, xp, *xs):
+        return xp.stack(xs, axis=self.resolved_axis)
+
+    def backward(self, ctx, xp, inputs, output, grad):
+        before = (slice(None),) * self.resolved_axis
+        return tuple(grad[before + (i,)] for i in range(grad.shape[self.resolved_axis]))
+
+
+class Gather(Operator):
+    """``out[..., i, ...] = x[..., indices[..., i, ...], ...]`` along ``axis``:
+    numpy.take_along_axis. The other axes of ``x`` and ``indices`` broadcast together; an
+    index may be negative (from the end). torch.gather is the case of equal other axes."""
+
+    kind = "gather"
+    retain_inputs = (1,)
+    nondifferentiable_inputs = (1,)
+
+    def __init__(self, axis: int) -> None:
+        self.axis = operator.index(axis)
+
+    def config(self):
+        return {"axis": self.axis}
+
+    def infer(self, x, indices):
+        if not indices.dtype.startswith(("int", "uint")):
+            raise ShapeError(f"gather's indices must be integers, got {indices.dtype}")
+        if x.ndim != indices.ndim:
+            raise ShapeError(f"gather needs x and indices of one rank (as take_along_axis), got "
+                             f"{x.shape} and {indices.shape}")
+        (axis,) = normalize_axis(self.axis, x.ndim)
+        self.resolved_axis = axis
+
+        def others(shape: Shape) -> Shape:
+            return shape[:axis] + (1,) + shape[axis + 1:]
+
+        shape = broadcast_shapes(others(x.shape), others(indices.shape))
+        return TensorSpec(shape[:axis] + (indices.shape[axis],) + shape[axis + 1:], x.dtype)
+
+    def forward(self, ctx, xp, x, indices):
+        ctx.shape = x.shape
+        return xp.take_along_axis(x, indices, axis=self.resolved_axis)
+
+    def backward(self, ctx, xp, inputs, output, grad):
+        indices, axis = inputs[1], self.resolved_axis
+        # Scatter-add into x's shape broadcast as the output's; unbroadcast sums the rest.
+        full = xp.zeros(grad.shape[:axis] + (ctx.shape[axis],) + grad.shape[axis + 1:], dtype=grad.dtype)
+        where = []
+        for d, size in enumerate(grad.shape):
+            if d == axis:
+                where.append(xp.broadcast_to(indices, grad.shape))
+            else:
+                where.append(xp.arange(size).reshape((1,) * d + (size,) + (1,) * (grad.ndim - d - 1)))
+        xp.scatter_add(full, tuple(where), grad)
+        return unbroadcast(xp, full, ctx.shape), None
+
+
 class Index(Operator):
     """Basic indexing with integers and slices, e.g. ``x[:, -1]`` (the last time step)."""
 
@@ -588,9 +931,64 @@ def decode_index(k: Any) -> Any:
     return k
 
 
+# --------------------------------------------------------------------------- softmax on any axis
+
+def softmax(xp: Any, x: Any, axis: int = -1) -> Any:
+    """softmax along ``axis``, in one fresh buffer (no overflow: the maximum goes first)."""
+    probs = x - x.max(axis=axis, keepdims=True)
+    xp.exp(probs, out=probs)
+    probs *= 1.0 / probs.sum(axis=axis, keepdims=True)
+    return probs
+
+
+def log_softmax(xp: Any, x: Any, axis: int = -1) -> Any:
+    """log(softmax(x)) along ``axis``, computed without overflow."""
+    shifted = x - x.max(axis=axis, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+class SoftmaxAlong(Operator):
+    """Softmax (or log-softmax) along ``axis``, any axis; the activations of the same names
+    take the last."""
+
+    retain_output = True
+
+    def __init__(self, axis: int = -1) -> None:
+        self.axis = operator.index(axis)
+
+    def config(self):
+        return {"axis": self.axis}
+
+    def infer(self, x):
+        require_float(x)
+        (self.resolved_axis,) = normalize_axis(self.axis, x.ndim)
+        return x
+
+
+class Softmax(SoftmaxAlong):
+    kind = "softmax"
+
+    def forward(self, ctx, xp, x):
+        return softmax(xp, x, self.resolved_axis)
+
+    def backward(self, ctx, xp, inputs, output, grad):
+        return (output * (grad - (grad * output).sum(axis=self.resolved_axis, keepdims=True)),)
+
+
+class LogSoftmax(SoftmaxAlong):
+    kind = "log_softmax"
+
+    def forward(self, ctx, xp, x):
+        return log_softmax(xp, x, self.resolved_axis)
+
+    def backward(self, ctx, xp, inputs, output, grad):
+        return (grad - xp.exp(output) * grad.sum(axis=self.resolved_axis, keepdims=True),)
+
+
 #: Primitive operators by name: what ``Graph.op`` builds, and what a saved graph refers to.
 PRIMITIVES: dict[str, type[Operator]] = {
     cls.kind: cls
-    for cls in (Add, Sub, Mul, Div, Neg, Pow, MatMul, Exp, Log, Sqrt, Abs, Maximum, Sum, Mean,
-                Reshape, Transpose, Concat, Index)
+    for cls in (Add, Sub, Mul, Div, Neg, Pow, Power, MatMul, Exp, Log, Sqrt, Abs, Maximum, Clip,
+                Where, Astype, Sum, Mean, Max, Min, Var, Std, Reshape, Squeeze, ExpandDims,
+                Transpose, Concat, Stack, Gather, Index, Softmax, LogSoftmax)
 }

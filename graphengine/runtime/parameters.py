@@ -59,7 +59,7 @@ class ParameterStore:
                     raise CompileError(f"shared parameter {name!r} has shape {value.shape}, "
                                        f"the graph needs {node.shape}")
             elif name in initial:
-                value = np.asarray(initial[name])
+                value = np.array(initial[name])  # a copy: the model owns its arrays
                 if value.shape != node.shape:
                     raise CompileError(f"initial value of parameter {name!r} has shape "
                                        f"{value.shape}, the graph needs {node.shape}")

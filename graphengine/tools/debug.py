@@ -62,7 +62,7 @@ def debug_observer(model: Model) -> DebugObserver:
 #: What usually makes a non-finite value in an operator of this kind, and what to do about it.
 _HINTS = {
     "log": "log of zero or of a negative number: keep its input positive (add a small epsilon, "
-           "or x.maximum(eps))",
+           "or clip it: x.clip(eps))",
     "div": "division by zero: add a small epsilon to the denominator",
     "sqrt": "sqrt of a negative number, or its gradient at 0: add a small epsilon inside",
     "pow": "a negative base with a fractional exponent, 0 to a negative power, or an overflow",

@@ -250,11 +250,18 @@ class ClipValue:
 # --------------------------------------------------------------------------- schedules
 
 class Schedule:
-    """Sets ``optimizer.lr = initial_lr * factor(t)`` before each update, where ``t`` counts the
-    completed epochs (``per="epoch"``, as ``fit`` counts them) or updates (``per="step"``).
-    ``initial_lr`` defaults to the optimizer's lr when the first update runs; pass it when
-    resuming from a checkpoint, whose optimizer already holds a decayed lr.
-    Subclass it and define ``factor(t)`` for another schedule."""
+    """Sets ``optimizer.lr = initial_lr * factor(t)`` before each update, where ``t`` counts
+    completed epochs or updates:
+
+    - ``per="epoch"``: ``t`` is ``model.epoch``, which ``fit`` advances after each epoch; a
+      hand-written loop advances it itself, ``model.epoch += 1`` at the end of each of its
+      epochs (PyTorch's ``scheduler.step()`` once per epoch), or the schedule never moves;
+    - ``per="step"``: ``t`` is ``model.step_count``, which every ``model.step()`` advances, in
+      ``fit`` or in any loop.
+
+    The first update runs at ``t = 0``. ``initial_lr`` defaults to the optimizer's lr when the
+    first update runs; pass it when resuming from a checkpoint, whose optimizer already holds a
+    decayed lr. Subclass it and define ``factor(t)`` for another schedule."""
 
     def __init__(self, per: str = "epoch", initial_lr: float | None = None) -> None:
         if per not in ("epoch", "step"):
@@ -321,13 +328,44 @@ class InverseTimeDecay(_RateSchedule):
         return 1.0 / (1.0 + self.rate * t)
 
 
+class CosineDecay(Schedule):
+    """A linear warm-up over the first ``warmup`` epochs (or steps), then half a cosine from
+    ``initial_lr`` down to ``floor * initial_lr`` at ``t = total``, where it stays:
+
+    - ``t < warmup``: ``factor = (t + 1) / warmup``, reaching 1 at ``t = warmup - 1``;
+    - ``warmup <= t <= total``: ``floor + (1 - floor) (1 + cos(pi (t - warmup) / (total -
+      warmup))) / 2``;
+    - ``t > total``: ``floor``.
+
+    PyTorch: ``SequentialLR(opt, [LinearLR(opt, 1 / warmup, 1.0, warmup - 1),
+    CosineAnnealingLR(opt, total - warmup, floor * lr)], [warmup])``, or without warm-up
+    ``CosineAnnealingLR(opt, total, floor * lr)``, whose cosine climbs again after ``total``.
+    """
+
+    def __init__(self, total: int, warmup: int = 0, floor: float = 0.0, per: str = "epoch",
+                 initial_lr: float | None = None) -> None:
+        super().__init__(per, initial_lr)
+        self.total = require_int(total, "CosineDecay total", 1, GraphEngineError)
+        self.warmup = require_int(warmup, "CosineDecay warmup", 0, GraphEngineError)
+        if self.warmup >= self.total:
+            raise GraphEngineError(f"CosineDecay warmup ({self.warmup}) must be shorter than "
+                                   f"total ({self.total}), the {per}s of the whole schedule")
+        self.floor = require_number(floor, "CosineDecay floor", 0, 1, error=GraphEngineError)
+
+    def factor(self, t: int) -> float:
+        if t < self.warmup:
+            return (t + 1) / self.warmup
+        progress = min(t - self.warmup, self.total - self.warmup) / (self.total - self.warmup)
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 # --------------------------------------------------------------------------- installing
 
 #: The hooks a model file can hold, by class name, and the list of the model they go to.
 SAVEABLE: dict[str, tuple[type, str]] = {
     cls.__name__: (cls, "constraints" if cls is MaxNorm else "gradient_transforms")
     for cls in (L1L2, L1, L2, MaxNorm, ClipNorm, ClipValue, StepDecay, ExponentialDecay,
-                InverseTimeDecay)}
+                InverseTimeDecay, CosineDecay)}
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -1,7 +1,8 @@
 """An example graphengine plugin package: what a third-party author writes.
 
-Registers the ``swish`` activation (x * sigmoid(beta x)) and a ``residual_dense`` layer
-(x + dense(x)), built from graphengine's own primitives.
+Registers the ``swish_beta`` activation (x * sigmoid(beta x), swish with a slope ``beta``;
+graphengine's built-in ``silu``, alias ``swish``, is the case beta = 1) and a ``residual_dense``
+layer (x + dense(x)), built from graphengine's own primitives.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class ResidualDense(ge.Layer):
 
 @ge.hookimpl
 def graphengine_register_activations(register):
-    register("swish", Swish)
+    register("swish_beta", Swish)
 
 
 @ge.hookimpl
