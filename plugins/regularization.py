@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import graphengine as ge
+from graphengine import distributed
 from graphengine.errors import GraphBuildError, ShapeError
 from graphengine.ir.operators import TensorSpec, require_float, same_dtype
 
@@ -66,17 +67,22 @@ class BatchNormOp(ge.Operator):
     ``running = momentum * running + (1 - momentum) * batch`` (the unbiased variance, as PyTorch
     does); in evaluation it normalizes with the running statistics. The running statistics are
     non-trainable parameters of the model, so they are saved and restored with its weights.
+
+    ``sync``: in data-parallel training (see :mod:`graphengine.distributed`) the batch is the
+    global batch: the moments, and the sums the backward needs, are reduced over the ranks.
     """
 
     kind = "batch_norm"
     retain_inputs = (0, 1)
     nondifferentiable_inputs = (3, 4)
 
-    def __init__(self, axis: int, momentum: float, eps: float) -> None:
-        self.axis, self.momentum, self.eps = axis, momentum, eps
+    def __init__(self, axis: int, momentum: float, eps: float, sync: bool = False) -> None:
+        self.axis, self.momentum, self.eps, self.sync = axis, momentum, eps, sync
+        #: A training pass reduces over the ranks: every rank must run it (see fit).
+        self.collective = sync
 
     def config(self) -> dict[str, Any]:
-        return {"axis": self.axis, "momentum": self.momentum, "eps": self.eps}
+        return {"axis": self.axis, "momentum": self.momentum, "eps": self.eps, "sync": self.sync}
 
     def infer(self, x, gamma, beta, running_mean, running_var):
         require_float(x)
@@ -94,15 +100,19 @@ class BatchNormOp(ge.Operator):
 
     def forward(self, ctx, xp, x, gamma, beta, running_mean, running_var):
         if ctx.training:
-            count = x.size // x.shape[self.axis]
+            ctx.group = distributed.reducing_group() if self.sync else None
+            if ctx.group is not None:
+                mean, var, count = ctx.group.moments(xp, x, self.reduce)
+            else:
+                mean, var = x.mean(axis=self.reduce), x.var(axis=self.reduce)
+                count = x.size // x.shape[self.axis]
             if count < 2:
                 raise ge.DataError(f"batch_norm in training needs at least 2 values per feature, "
                                    f"got a batch of shape {x.shape}; use a larger batch")
-            mean = x.mean(axis=self.reduce)
-            var = x.var(axis=self.reduce)
             running_mean[...] = self.momentum * running_mean + (1 - self.momentum) * mean
             running_var[...] = (self.momentum * running_var
                                 + (1 - self.momentum) * var * (count / (count - 1)))
+            ctx.count = count
         else:
             mean, var = running_mean, running_var
         ctx.mean = mean.reshape(self.broadcast)
@@ -118,10 +128,12 @@ class BatchNormOp(ge.Operator):
         scale = gamma.reshape(self.broadcast) * ctx.inv_std
         if not ctx.training:  # the statistics are constants here
             return grad * scale, grad_gamma, grad_beta, None, None
-        count = x.size // x.shape[self.axis]
-        # d/dx through the batch mean and variance as well as directly.
-        grad_x = scale * (grad - (grad_beta.reshape(self.broadcast)
-                                  + xhat * grad_gamma.reshape(self.broadcast)) / count)
+        # d/dx through the batch mean and variance as well as directly; synchronized, those are
+        # the global batch's (the parameter gradients stay this rank's, averaged afterwards).
+        sum_beta, sum_gamma = (ctx.group.batch_sums(grad_beta, grad_gamma) if ctx.group is not None
+                               else (grad_beta, grad_gamma))
+        grad_x = scale * (grad - (sum_beta.reshape(self.broadcast)
+                                  + xhat * sum_gamma.reshape(self.broadcast)) / ctx.count)
         return grad_x, grad_gamma, grad_beta, None, None
 
 
@@ -129,15 +141,23 @@ class BatchNorm(ge.Layer):
     """``g.layer("batch_norm", h)``: normalize each feature over the batch, then scale by
     ``gamma`` and shift by ``beta`` (learned). ``axis`` is the feature axis (-1: last, as in
     dense and channels-last conv outputs; 1 for NCHW). Parameters: ``gamma``, ``beta`` and the
-    non-trainable ``running_mean``, ``running_var`` used in evaluation."""
+    non-trainable ``running_mean``, ``running_var`` used in evaluation.
 
-    def __init__(self, axis: int = -1, momentum: float = 0.9, eps: float = 1e-5) -> None:
+    In data-parallel training each rank normalizes with its own share's statistics (as
+    ChainerMN and PyTorch do by default; the ranks' running statistics then differ, and rank 0's
+    are saved); ``sync=True`` normalizes with the global batch's, reduced over the ranks in
+    forward and backward, which is what one process on the global batch computes."""
+
+    def __init__(self, axis: int = -1, momentum: float = 0.9, eps: float = 1e-5,
+                 sync: bool = False) -> None:
         if not 0.0 <= momentum < 1.0:
             raise GraphBuildError(f"batch_norm momentum must lie in [0, 1), got {momentum!r}")
         if eps <= 0:
             raise GraphBuildError(f"batch_norm eps must be positive, got {eps!r}")
-        super().__init__(axis=axis, momentum=momentum, eps=eps)
-        self.axis, self.momentum, self.eps = axis, momentum, eps
+        if not isinstance(sync, bool):
+            raise GraphBuildError(f"batch_norm sync must be True or False, got {sync!r}")
+        super().__init__(axis=axis, momentum=momentum, eps=eps, sync=sync)
+        self.axis, self.momentum, self.eps, self.sync = axis, momentum, eps, sync
 
     def build(self, g, x):
         if not -x.ndim <= self.axis < x.ndim or x.shape[self.axis] is None:
@@ -151,7 +171,7 @@ class BatchNorm(ge.Layer):
 
         params = (stat("gamma", "ones", True), stat("beta", "zeros", True),
                   stat("running_mean", "zeros", False), stat("running_var", "ones", False))
-        return g.apply(BatchNormOp(self.axis, self.momentum, self.eps), x, *params)
+        return g.apply(BatchNormOp(self.axis, self.momentum, self.eps, self.sync), x, *params)
 
 
 @ge.hookimpl

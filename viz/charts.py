@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from graphengine.distributed import writes
 from graphengine.errors import GraphEngineError
 from graphengine.ir.operators import Parameter
 from graphengine.model import Model
@@ -124,6 +125,8 @@ def gradient_flow_chart(models: Mapping[str, Model], path: str | os.PathLike, *,
     if title:
         fig.suptitle(title)
     path = Path(path)
+    if not all(writes(model) for model in models.values()):  # distributed: rank 0 draws
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path

@@ -27,6 +27,7 @@ from typing import Any
 
 import graphviz
 
+from graphengine.distributed import writes
 from graphengine.errors import GraphEngineError
 from graphengine.ir.graph import in_scope
 from graphengine.ir.operators import Constant, Input, Parameter
@@ -577,6 +578,8 @@ def render(model: Model, path: str | os.PathLike,
     backward pass on it (no update). Options are those of :func:`to_dot` (``rankdir``,
     ``collapse``, ...). Only ``path`` is written; ``keep_source=True`` also writes the DOT source
     next to it (same name, ``.gv``). A drawing without gradient statistics says so on stderr.
+    In a distributed run every rank calls it (a snapshot with ``data=`` is a collective step)
+    and rank 0 draws: its monitor holds the gradients of the global batch.
     """
     path = Path(path)
     fmt = (format or path.suffix.lstrip(".")).lower()
@@ -597,6 +600,8 @@ def render(model: Model, path: str | os.PathLike,
               f"gradient flow (forward_only=True draws the structure without this note)",
               file=sys.stderr)
     dot = to_dot(model, diagnosis=diagnosis, forward_only=forward_only, **options)
+    if not writes(model):
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     if keep_source:
         dot.save(path.with_suffix(".gv"))

@@ -8,16 +8,25 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import DataError, GraphEngineError, NumericalError, checked_keywords, require_int
+from ..distributed import writes
+from ..errors import (
+    DataError,
+    GraphEngineError,
+    NumericalError,
+    checked_keywords,
+    require_int,
+    require_number,
+)
 from ..hooks import get_plugin_manager
 from ..ir.contracts import LossOp
 from ..tools.monitor import GradientMonitor, find_monitor
 from .metrics import Meter, Metric, get_metrics
+from .regularization import Schedule
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -77,23 +86,17 @@ class EarlyStopping(Callback):
 
     def __init__(self, monitor: str = "val_loss", patience: int = 5, min_delta: float = 0.0,
                  mode: str = "auto", restore_best: bool = True) -> None:
-        if mode not in ("auto", "min", "max"):
-            raise GraphEngineError(f"EarlyStopping mode must be 'auto', 'min' or 'max', got {mode!r}")
         patience = require_int(patience, "EarlyStopping patience", 0, GraphEngineError)
         self.monitor, self.patience, self.min_delta = monitor, patience, abs(min_delta)
         self.restore_best = restore_best
-        self.sign = 1.0 if (mode == "max" or mode == "auto" and monitor.endswith("accuracy")) else -1.0
+        self.sign = 1.0 if _higher_is_better(mode, monitor, "EarlyStopping") else -1.0
 
     def on_train_begin(self, model, history):
         self.best, self.best_epoch, self.stopped_epoch = -math.inf * self.sign, None, None
         self.last_epoch, self.wait, self.best_weights = None, 0, None
 
     def on_epoch_end(self, model, epoch, logs):
-        if self.monitor not in logs:
-            hint = "; pass validation= to fit()" if self.monitor.startswith("val_") else ""
-            raise GraphEngineError(f"EarlyStopping monitors {self.monitor!r}, but the epoch logs "
-                                   f"have only {sorted(logs)}{hint}")
-        value, self.last_epoch = logs[self.monitor], epoch
+        value, self.last_epoch = _logged(logs, self.monitor, "EarlyStopping"), epoch
         if self.sign * (value - self.best) > self.min_delta:
             self.best, self.best_epoch, self.wait = value, epoch, 0
             if self.restore_best:
@@ -108,6 +111,103 @@ class EarlyStopping(Callback):
     def on_train_end(self, model, history):
         if self.best_weights is not None and self.best_epoch != self.last_epoch:
             model.set_parameters(self.best_weights)
+
+
+def _higher_is_better(mode: str, monitor: str, who: str) -> bool:
+    """``mode`` "max", or "auto" on an accuracy; "min" and "auto" on anything else: lower."""
+    if mode not in ("auto", "min", "max"):
+        raise GraphEngineError(f"{who} mode must be 'auto', 'min' or 'max', got {mode!r}")
+    return mode == "max" or mode == "auto" and monitor.endswith("accuracy")
+
+
+def _logged(logs: Mapping[str, float], monitor: str, who: str) -> float:
+    """The monitored value from an epoch's logs, or an error saying which there are."""
+    if monitor not in logs:
+        hint = "; pass validation= to fit()" if monitor.startswith("val_") else ""
+        raise GraphEngineError(f"{who} monitors {monitor!r}, but the epoch logs have only "
+                               f"{sorted(logs)}{hint}")
+    return logs[monitor]
+
+
+class ReduceLROnPlateau(Callback):
+    """Multiply the learning rate by ``factor`` when ``monitor`` has not improved for more
+    than ``patience`` epochs, as ``torch.optim.lr_scheduler.ReduceLROnPlateau`` does, with its
+    defaults and meanings: an improvement beats the best value by more than ``threshold``,
+    relative (``threshold_mode="rel"``: below ``best * (1 - threshold)`` in mode "min") or
+    absolute (``"abs"``: below ``best - threshold``); after a reduction, ``cooldown`` epochs
+    pass before bad epochs count again; the lr never drops below ``min_lr``.
+
+    ``mode`` is "min", "max", or "auto" (max for accuracies, min otherwise). In ``fit``
+    it reads the epoch's logs; a hand-written loop calls ``plateau.step(model, value)`` once
+    per epoch (PyTorch's ``scheduler.step(val_loss)``). ``reductions`` lists the ``(epoch,
+    new lr)`` of each reduction. It sets ``model.optimizer.lr``, so it cannot share a model
+    with a :class:`~graphengine.train.regularization.Schedule`, which sets it on every update.
+    """
+
+    def __init__(self, factor: float = 0.1, patience: int = 10, monitor: str = "val_loss",
+                 mode: str = "auto", threshold: float = 1e-4, threshold_mode: str = "rel",
+                 cooldown: int = 0, min_lr: float = 0.0) -> None:
+        self.factor = require_number(factor, "ReduceLROnPlateau factor", 0, 1,
+                                     exclusive_minimum=True, exclusive_maximum=True,
+                                     error=GraphEngineError)
+        self.patience = require_int(patience, "ReduceLROnPlateau patience", 0, GraphEngineError)
+        self.cooldown = require_int(cooldown, "ReduceLROnPlateau cooldown", 0, GraphEngineError)
+        self.threshold = require_number(threshold, "ReduceLROnPlateau threshold", 0,
+                                        error=GraphEngineError)
+        self.min_lr = require_number(min_lr, "ReduceLROnPlateau min_lr", 0, error=GraphEngineError)
+        if threshold_mode not in ("rel", "abs"):
+            raise GraphEngineError(f"ReduceLROnPlateau threshold_mode must be 'rel' or 'abs', "
+                                   f"got {threshold_mode!r}")
+        self.monitor, self.threshold_mode = monitor, threshold_mode
+        self.higher = _higher_is_better(mode, monitor, "ReduceLROnPlateau")
+        self.best = -math.inf if self.higher else math.inf
+        self.bad_epochs = self.cooldown_left = self.epochs = 0
+        self.reductions: list[tuple[int, float]] = []
+
+    def improves(self, value: float) -> bool:
+        """Whether ``value`` beats the best so far by more than the threshold."""
+        sign = 1.0 if self.higher else -1.0
+        if self.threshold_mode == "rel":  # torch's formula, also where the best is negative
+            bar = self.best * (1.0 + sign * self.threshold)
+        else:
+            bar = self.best + sign * self.threshold
+        return value > bar if self.higher else value < bar
+
+    def step(self, model: Model, value: float) -> None:
+        """Count one epoch whose monitored value is ``value``; lower the lr after a plateau."""
+        if model.optimizer is None:
+            raise GraphEngineError("ReduceLROnPlateau needs a model compiled with an optimizer")
+        _refuse_schedules(model)
+        self.epochs += 1
+        value = float(value)
+        if self.improves(value):
+            self.best, self.bad_epochs = value, 0
+        else:
+            self.bad_epochs += 1
+        if self.cooldown_left:
+            self.cooldown_left -= 1
+            self.bad_epochs = 0
+        if self.bad_epochs > self.patience:
+            old = model.optimizer.lr
+            new = max(old * self.factor, self.min_lr)
+            if old - new > 1e-8:  # torch's eps: changes smaller than this are skipped
+                model.optimizer.lr = new
+                self.reductions.append((self.epochs, new))
+            self.cooldown_left, self.bad_epochs = self.cooldown, 0
+
+    def on_train_begin(self, model, history):
+        _refuse_schedules(model)
+
+    def on_epoch_end(self, model, epoch, logs):
+        self.step(model, _logged(logs, self.monitor, "ReduceLROnPlateau"))
+
+
+def _refuse_schedules(model: Model) -> None:
+    schedules = [t for t in model.gradient_transforms if isinstance(t, Schedule)]
+    if schedules:
+        raise GraphEngineError(f"ReduceLROnPlateau and the schedule {schedules[0]!r} would both "
+                               f"set the learning rate: compile without schedule=, or drop the "
+                               f"callback")
 
 
 class Checkpoint(Callback):
@@ -179,17 +279,35 @@ def _rows(array: Any) -> int | None:
     return len(array) if hasattr(array, "__len__") and not isinstance(array, (str, bytes)) else None
 
 
-def batches(data: Mapping[str, Any], n: int, batch_size: int,
-            order: np.ndarray | None) -> Iterator[dict[str, Any]]:
-    """Slices of ``data`` of ``batch_size`` rows (the last may be smaller), in ``order``."""
+def batches(data: Mapping[str, Any], n: int, batch_size: int, order: np.ndarray | None,
+            share: Callable[[int, int], tuple[int, int]] | None = None) -> Iterator[dict[str, Any]]:
+    """Slices of ``data`` of ``batch_size`` rows (the last may be smaller), in ``order``; with
+    ``share`` (a distributed model's), each the part ``share(start, stop)`` of such a slice."""
     batch_size = require_int(batch_size, "batch_size", 1, DataError)
     for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        if share is not None:
+            start, stop = share(start, stop)
         if order is None:
-            yield {k: v[start:start + batch_size] for k, v in data.items()}
+            yield {k: v[start:stop] for k, v in data.items()}
         else:
-            index = order[start:start + batch_size]
+            index = order[start:stop]
             rows = index.tolist()  # arrays of other backends take a list, not a host array
             yield {k: v[index] if isinstance(v, np.ndarray) else v[rows] for k, v in data.items()}
+
+
+def _share(model: Model) -> Callable[[int, int], tuple[int, int]] | None:
+    """How a distributed model's rank takes its part of each global batch (None: all of it)."""
+    return model.distributed.comm.share if model.distributed else None
+
+
+def _own_part(model: Model, batch: Mapping[str, Any], rows: int) -> tuple[int, Mapping[str, Any]]:
+    """A distributed model's rank's part of a global batch from a stream, and its rows."""
+    share = _share(model)
+    if share is None:
+        return rows, batch
+    start, stop = share(0, rows)
+    return stop - start, {k: v[start:stop] for k, v in batch.items()}
 
 
 def _loss_parts(model: Model, metrics: Sequence[Metric] = ()
@@ -254,6 +372,8 @@ class _Batches:
                                 f"({self.n} rows); use batch_size={self.n} for full-batch "
                                 f"gradient descent")
             self.data: Any = {k: model.feed_array(k, v) for k, v in data.items()}
+            if model.distributed:
+                model.distributed.check_batches(self.batch_size, self.n % self.batch_size)
             return
         if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
             raise DataError(f"fit() takes a dataset dict (input name -> array) or an iterable of "
@@ -283,7 +403,7 @@ class _Batches:
         """(rows, batch) pairs of one epoch."""
         if self.n is not None:
             order = self.model.data_rng.permutation(self.n) if self.shuffle else None
-            for batch in batches(self.data, self.n, self.batch_size, order):
+            for batch in batches(self.data, self.n, self.batch_size, order, _share(self.model)):
                 yield len(next(iter(batch.values()))), batch
             return
         stream = itertools.islice(iter(self.data), self.steps)
@@ -293,6 +413,9 @@ class _Batches:
                 raise DataError(f"batch {count - 1} of epoch {epoch} is a {type(batch).__name__}, "
                                 f"not a dict of input name -> array")
             rows = dataset_length(batch)
+            if self.model.distributed:
+                self.model.distributed.check_batches(rows)
+            rows, batch = _own_part(self.model, batch, rows)
             yield rows, {k: self.model.feed_array(k, v) for k, v in batch.items()}
         if count == 0:
             raise DataError(f"the batches ran out before epoch {epoch}: a generator is used up "
@@ -366,20 +489,25 @@ def fit(model: Model, data: Data, *, epochs: int = 1, batch_size: int = 32,
             started = time.perf_counter()
             for callback in callbacks:
                 callback.on_epoch_begin(model, epoch)
-            bar = _progress(verbose, source.per_epoch, f"epoch {epoch}")
+            bar = _progress(verbose if writes(model) else 0, source.per_epoch, f"epoch {epoch}")
             totals = {"rows": 0, "loss": 0.0, "correct": 0.0}
             meter = Meter(meter_metrics, model.backend)
             for b, (size, batch) in enumerate(source.epoch(epoch)):
-                loss = model.forward(batch, training=True)
-                if not math.isfinite(loss):
-                    raise NumericalError(
-                        f"the loss became {loss} at epoch {epoch}, batch {b}: lower the learning rate, "
-                        f"clip gradients, or set model.debug = True to find the node that made it")
-                totals["rows"] += size
-                totals["loss"] += loss * size
-                if loss_op is not None:
-                    _score(model, model.tape, loss_op, pred_name, target_name, size, totals, meter)
-                model.backward()
+                if not size:  # a distributed rank's part of a global batch shorter than the ranks
+                    loss = math.nan
+                    model.idle_step()
+                else:
+                    loss = model.forward(batch, training=True)
+                    if not math.isfinite(loss):
+                        raise NumericalError(
+                            f"the loss became {loss} at epoch {epoch}, batch {b}: lower the learning "
+                            f"rate, clip gradients, or set model.debug = True to find the node that "
+                            f"made it")
+                    totals["rows"] += size
+                    totals["loss"] += loss * size
+                    if loss_op is not None:
+                        _score(model, model.tape, loss_op, pred_name, target_name, size, totals, meter)
+                    model.backward()
                 _check_gradients(model, epoch, b, loss)
                 model.step()
                 for callback in callbacks:
@@ -390,12 +518,14 @@ def fit(model: Model, data: Data, *, epochs: int = 1, batch_size: int = 32,
             if bar is not None:
                 bar.close()
             model.epoch = epoch
+            if model.distributed:
+                model.distributed.reduce_sums(totals, meter)
             logs = _logs(totals, meter, loss_op)
             if validation is not None:
                 scores = evaluate(model, validation, batch_size, metrics=meter_metrics)
                 logs.update({f"val_{k}": v for k, v in scores.items()})
             history.append(epoch, logs)
-            if verbose:
+            if verbose and writes(model):
                 print(_epoch_line(epoch, last_epoch, logs, time.perf_counter() - started),
                       file=out, flush=True)
             for callback in callbacks:
@@ -499,9 +629,10 @@ def evaluate(model: Model, data: Data, batch_size: int | None = None, *,
     loss_op, pred_name, target_name = _loss_parts(model, chosen)
     if isinstance(data, Mapping):
         n = dataset_length(data)
-        parts: Iterable[Any] = batches(data, n, n if batch_size is None else batch_size, order=None)
+        parts: Iterable[Any] = batches(data, n, n if batch_size is None else batch_size, order=None,
+                                       share=_share(model))
     elif isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
-        parts = data
+        parts = (_own_part(model, batch, dataset_length(batch))[1] for batch in data)
     else:
         raise DataError(f"evaluate() takes a dataset dict (input name -> array) or an iterable "
                         f"of batch dicts, got {type(data).__name__}")
@@ -511,12 +642,16 @@ def evaluate(model: Model, data: Data, batch_size: int | None = None, *,
     meter = Meter(chosen, model.backend)
     observers = model.active_observers(inference=True)
     for batch in parts:
-        size = dataset_length(batch)
+        size = _rows(next(iter(batch.values()))) if model.distributed else dataset_length(batch)
+        if not size:  # a distributed rank's empty part of a batch
+            continue
         tape = model.executor.forward(plan, batch, training=False, rng=model.rng, observers=observers)
         totals["rows"] += size
         totals["loss"] += float(model.backend.to_numpy(tape.value(model.loss_name))) * size
         if loss_op is not None:
             _score(model, tape, loss_op, pred_name, target_name, size, totals, meter)
+    if model.distributed:
+        model.distributed.reduce_sums(totals, meter)
     if not totals["rows"]:
         raise DataError("evaluate() was given no batches")
     return _logs(totals, meter, loss_op)
