@@ -11,7 +11,7 @@ A plugin is a module (or object) with functions marked ``@graphengine.hookimpl``
 
     @ge.hookimpl
     def graphengine_register_activations(register):
-        register("swish", Swish)
+        register("swish_beta", Swish)
 
 and an entry point in its ``pyproject.toml``::
 
@@ -111,6 +111,27 @@ class HookSpecs:
         called as ``init(rng, shape, fan_in, fan_out) -> numpy.ndarray``."""
 
     @hookspec
+    def graphengine_register_onnx_exporters(self, register: Register) -> None:
+        """Register how operators of a kind are written to ONNX (``graphengine.onnx.export``):
+        ``register(kind, exporter)``, where ``kind`` is the operator's ``kind`` (what
+        ``node.kind`` says; for an activation, its registered name) and ``exporter(ex, node)``
+        emits the ONNX nodes that compute ``node``:
+
+        - ``ex.input(node, i)``: the ONNX value holding the node's ``i``-th input;
+        - ``ex.value(node, i)`` / ``ex.weight(node, i, what)``: that input's array when it is a
+          parameter or constant (``weight`` insists), to rearrange into ONNX's layout;
+        - ``ex.constant(array)``, ``ex.ints(values)``: a new initializer, returning its name;
+        - ``ex.add(op_type, inputs, output=None, *, outputs=1, **attributes)``: an ONNX node,
+          returning its output's name(s); ``ex.opset`` is the opset being written.
+
+        The exporter must give its last node the output ``node.name``, and reads its
+        configuration from ``node.op`` (and shapes from ``node.shape``). Exporting a graph that
+        holds a kind nobody mapped fails, naming the kind and its layer. Import ``onnx`` inside
+        the exporter if at all, never at module level: ONNX is an optional dependency. An entry
+        for a built-in kind is overridden by a plugin's, without ``override=True``.
+        """
+
+    @hookspec
     def graphengine_register_commands(self, register: Register) -> None:
         """Register subcommands of the ``graphengine`` command line (``graphengine render ...``).
 
@@ -135,7 +156,8 @@ class HookSpecs:
         """
 
 
-KINDS = ("backends", "layers", "activations", "losses", "optimizers", "initializers", "commands")
+KINDS = ("backends", "layers", "activations", "losses", "optimizers", "initializers",
+         "onnx_exporters", "commands")
 #: "a loss", "a layer": how messages name one thing of a kind.
 SINGULAR = {kind: kind[:-1] for kind in KINDS} | {"losses": "loss"}
 #: The name the core's own contributions (the ``plugins`` command) are listed under.

@@ -51,7 +51,7 @@ def guide_examples() -> dict[str, object]:
 
 @pytest.fixture
 def package(tmp_path) -> Path:
-    root = tmp_path / "graphengine-mish"
+    root = tmp_path / "graphengine-snake"
     for path, code in guide_files().items():
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text(code)
@@ -66,37 +66,37 @@ def _import(path: Path, name: str):
 
 
 def test_the_guide_holds_a_complete_package():
-    assert set(guide_files()) == {"pyproject.toml", "graphengine_mish/__init__.py", "tests/test_mish.py"}
+    assert set(guide_files()) == {"pyproject.toml", "graphengine_snake/__init__.py", "tests/test_snake.py"}
 
 
 def test_the_guide_documents_every_hook():
     text = GUIDE.read_text()
     hooks = [name for name, _ in inspect.getmembers(HookSpecs, inspect.isfunction)]
-    assert len(hooks) == 7
+    assert len(hooks) == 8
     for hook in hooks:
         assert f"### `{hook}(register)`" in text, hook
 
 
 def test_the_guides_package_passes_its_own_test(package, monkeypatch):
     monkeypatch.syspath_prepend(str(package))
-    monkeypatch.delitem(sys.modules, "graphengine_mish", raising=False)
-    tests = _import(package / "tests" / "test_mish.py", "guide_test_mish")
-    tests.test_mish_backward_matches_finite_differences()
-    mish = sys.modules["graphengine_mish"]
-    with isolated_plugin_manager(mish, entry_points=True):
+    monkeypatch.delitem(sys.modules, "graphengine_snake", raising=False)
+    tests = _import(package / "tests" / "test_snake.py", "guide_test_snake")
+    tests.test_snake_backward_matches_finite_differences()
+    snake = sys.modules["graphengine_snake"]
+    with isolated_plugin_manager(snake, entry_points=True):
         g = ge.Graph()
         x = g.input("x", shape=(None, 3))
-        model = g.compile(outputs=[g.activation("mish", g.layer("dense", x, units=2))])
+        model = g.compile(outputs=[g.activation("snake", g.layer("dense", x, units=2))])
         assert model.predict({"x": np.ones((2, 3), np.float32)}).shape == (2, 2)
 
 
 def test_a_wrong_backward_fails_the_guides_check(package, monkeypatch):
     """The check the guide tells authors to run is not vacuous: a sign slip fails it."""
     monkeypatch.syspath_prepend(str(package))
-    monkeypatch.delitem(sys.modules, "graphengine_mish", raising=False)
-    mish = _import(package / "graphengine_mish" / "__init__.py", "guide_mish_wrong")
+    monkeypatch.delitem(sys.modules, "graphengine_snake", raising=False)
+    snake = _import(package / "graphengine_snake" / "__init__.py", "guide_snake_wrong")
 
-    class Wrong(mish.Mish):
+    class Wrong(snake.Snake):
         def backward(self, xp, x, y, dy):
             return -super().backward(xp, x, y, dy)
 
@@ -116,7 +116,7 @@ def test_the_guides_package_installs_and_is_found_through_its_entry_point(packag
          "plugins"], capture_output=True, text=True, env={"PYTHONPATH": str(site),
                                                           "PATH": "/usr/bin:/bin"})
     assert listing.returncode == 0, listing.stderr
-    assert "mish  (graphengine-mish 0.1.0)\n    activations: mish\n" in listing.stdout
+    assert "snake  (graphengine-snake 0.1.0)\n    activations: snake\n" in listing.stdout
 
 
 # -- the contract examples ------------------------------------------------------------------
@@ -167,12 +167,12 @@ def _plugin(**hooks):
 def test_layer_optimizer_and_initializer_examples_train_save_and_load(examples, tmp_path):
     plugin = _plugin(layers=("scale", examples["Scale"]), optimizers=("sign_momentum",
                      examples["SignMomentum"]), initializers=("lecun", examples["LeCun"]),
-                     losses=("huber", examples["Huber"]))
+                     losses=("guide_huber", examples["Huber"]))  # "huber" is built in
     with isolated_plugin_manager(plugin, entry_points=True):
         g = ge.Graph()
         x, y = g.input("x", shape=(None, 4)), g.input("y", shape=(None, 2))
         h = g.layer("dense", x, units=2, init={"name": "lecun", "scale": 2.0}, name="fc")
-        loss = g.loss("huber", g.layer("scale", h, name="sc"), y, delta=0.5)
+        loss = g.loss("guide_huber", g.layer("scale", h, name="sc"), y, delta=0.5)
         model = g.compile(loss, optimizer=ge.optimizer("sign_momentum", lr=0.01, beta=0.5))
         before = {k: np.array(v) for k, v in model.parameters().items()}
         rng = np.random.default_rng(3)
@@ -229,7 +229,7 @@ def test_readme_links_the_guide_and_quotes_the_complete_pyproject():
 
 
 def test_readme_check_backward_takes_the_plugin_class():
-    swish = ge.get_plugin_manager().activations.get("swish")
+    swish = ge.get_plugin_manager().activations.get("swish_beta")
     check_backward(swish, [np.random.default_rng(4).standard_normal((3, 4))])
     check_backward(swish(beta=2.0), [np.random.default_rng(4).standard_normal((3, 4))], backend="strict")
 

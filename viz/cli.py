@@ -31,7 +31,7 @@ def graphengine_register_commands(register):
 
 
 def _render_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_file", help="a model saved with model.save(path)")
+    p.add_argument("model_file", help="a model saved with model.save(path), or an ONNX model (.onnx)")
     p.add_argument("-o", "--output", required=True, help="the picture to write: .svg, .png or .pdf")
     p.add_argument("--format", choices=FORMATS,
                    help="the picture's format (default: from the output's suffix)")
@@ -43,6 +43,10 @@ def _render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--collapse", action="store_true", help="draw each layer as one node")
     p.add_argument("--forward-only", action="store_true", help="structure only, no gradients")
     p.add_argument("--keep-source", action="store_true", help="also keep the .gv DOT file")
+    p.add_argument("--loss", default="mse",
+                   help="for an ONNX model with --data: the loss on its first output, against the "
+                        "array 'target' of the batch (default mse; softmax_cross_entropy takes "
+                        "class labels)")
 
 
 def render_command(args: argparse.Namespace) -> int:
@@ -51,7 +55,7 @@ def render_command(args: argparse.Namespace) -> int:
     from .render import render
 
     # A user error (a malformed model file, bad --data) is one line and exit 2: graphengine.cli
-    model = ge.load(args.model_file)
+    model = _load_model(args)
     diagnosis = None
     if args.data and not args.forward_only:
         feeds = load_batch(args.data, model)
@@ -62,6 +66,17 @@ def render_command(args: argparse.Namespace) -> int:
                   forward_only=args.forward_only, keep_source=args.keep_source)
     print(f"wrote {path}")
     return 0
+
+
+def _load_model(args: argparse.Namespace) -> ge.Model:
+    """A saved model, or an ONNX model imported (graphengine.onnx); with --data, the ONNX model
+    gets ``--loss`` on its first output, against the batch's array ``target``."""
+    if Path(args.model_file).suffix.lower() != ".onnx":
+        return ge.load(args.model_file)
+    from graphengine.onnx import load
+
+    loss = args.loss if args.data and not args.forward_only else None
+    return load(args.model_file, loss=loss)
 
 
 def load_batch(path: str | Path, model: ge.Model, *, max_rows: int = MAX_ROWS,
