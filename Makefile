@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml examples/plugin_package/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# setuptools in the venv too: the plugin-guide and wheel tests build without isolation, offline
 	$(BIN)/python -m pip install -q --upgrade pip 'setuptools>=77'
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,mpi,onnx,compare]'
 	$(BIN)/python -m pip install -q -e examples/plugin_package
 	touch $(STAMP)
 
@@ -38,6 +38,12 @@ docs: $(STAMP) graphviz
 	$(BIN)/python examples/cnn_input_gradients.py
 	$(BIN)/python examples/long_memory.py
 	$(BIN)/python examples/optimizer_trajectories.py
+	$(BIN)/python examples/ctc_speech.py
+	$(BIN)/python examples/seq2seq_attention.py
+	$(BIN)/python examples/word_vectors.py
+	$(BIN)/python examples/gan.py
+	$(BIN)/python examples/dqn_maze.py
+	$(BIN)/python examples/transfer_learning.py
 	$(BIN)/python docs/update_quotes.py
 
 # The wheel, installed in a fresh virtual environment, works from a project that has its own

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
-from .compiler.plan import Plan, build_plan, check_acyclic, check_loss
+from .compiler.plan import Plan, build_plan, check_acyclic, check_loss, garbage_collection_paused
+from .distributed import Communicator, DataParallel, attach, writes
 from .errors import CompileError, GraphEngineError, checked_keywords
 from .io import serialize
 from .ir import graph as graph_module
@@ -59,7 +60,7 @@ class Model:
                  initial_values: Mapping[str, Any] | None = None,
                  regularizer: Any = None, constraint: Any = None, clip_norm: float | None = None,
                  clip_value: float | None = None, schedule: Schedule | None = None,
-                 metrics: Any = None) -> None:
+                 metrics: Any = None, distributed: Communicator | None = None) -> None:
         self.graph = graph
         #: The nodes the graph had when compiled: those added later are not in this model.
         self.compiled_nodes = frozenset(graph.nodes)
@@ -125,6 +126,10 @@ class Model:
         self.tape: Tape | None = None
         self._grads: dict[str, Any] = {}
         self._stepped = False  # whether step() used the gradients of the last backward()
+        #: Data parallelism over the ranks of an MPI job (see graphengine.distributed), or None.
+        self.distributed: DataParallel | None = None
+        if distributed is not None:
+            attach(self, distributed)
 
     # -- parameters ------------------------------------------------------------------------
 
@@ -146,7 +151,9 @@ class Model:
         return self.store.frozen
 
     def gradients(self) -> dict[str, Any]:
-        """Parameter name -> gradient from the last backward (absent where none flowed)."""
+        """Parameter name -> gradient from the last backward (absent where none flowed). The
+        arrays are the model's gradient buffers, which the next backward overwrites in place
+        (as PyTorch's ``.grad``): copy what you keep across steps."""
         return dict(self._grads)
 
     def input_gradient(self, name: str) -> Any:
@@ -269,8 +276,9 @@ class Model:
             self.training = training
         # The last step's tape and gradients go before this forward allocates its own.
         self.tape, self._grads = None, {}
-        self.tape = self.executor.forward(self.train_plan, feeds, training=self.training,
-                                          rng=self.rng, observers=self.active_observers())
+        with (self.distributed.step(feeds) if self.distributed else contextlib.nullcontext()):
+            self.tape = self.executor.forward(self.train_plan, feeds, training=self.training,
+                                              rng=self.rng, observers=self.active_observers())
         return float(self.backend.to_numpy(self.tape.value(self.loss_name)))
 
     def backward(self, wrt: Sequence[str] = ()) -> None:
@@ -291,10 +299,24 @@ class Model:
         observers = self.active_observers()
         if tape.fused:
             observers = [o for o in observers if not o.every_node]
-        grads = self.executor.backward(tape, plan, observers)
+        with (self.distributed.collective() if self.distributed else contextlib.nullcontext()):
+            grads = self.executor.backward(tape, plan, observers)
         plan = tape.backward_plan
         self._grads = {name: grads[slot] for name, slot in plan.parameter_slots
                        if grads[slot] is not None}
+        if self.distributed:
+            self._grads = self.distributed.average(self, self._grads)
+        self._stepped = False
+
+    def idle_step(self) -> None:
+        """A distributed model's part in a step whose share of the global batch is empty on
+        this rank: it takes part in averaging the gradients with none of its own, and ``step()``
+        then applies the other ranks' average."""
+        if not self.distributed:
+            raise GraphEngineError("idle_step() is for a distributed model: compile(..., "
+                                   "distributed=ge.distributed.init())")
+        self.tape = None
+        self._grads = self.distributed.idle(self)
         self._stepped = False
 
     def step(self) -> None:
@@ -375,8 +397,9 @@ class Model:
 
     def save(self, path: str | os.PathLike, *, training_state: bool = True) -> None:
         """Write graph, weights (and optimizer state, epoch, RNG states) to ``path``; see
-        :func:`graphengine.io.serialize.save`."""
-        serialize.save(self, path, training_state=training_state)
+        :func:`graphengine.io.serialize.save`. In a distributed run only rank 0 writes."""
+        if writes(self):
+            serialize.save(self, path, training_state=training_state)
 
     def load_weights(self, path: str | os.PathLike, *, strict: bool = True,
                      training_state: bool = False) -> serialize.LoadReport:
@@ -453,4 +476,12 @@ def _node_name(graph: Graph, t: Any, what: str) -> str:
     raise CompileError(f"{what} {t!r} is not a tensor or node name of graph {graph.name!r}")
 
 
-graph_module.compiler = Model
+def compile_model(graph: Graph, **options: Any) -> Model:
+    """What ``Graph.compile`` calls. Compiling allocates a few long-lived objects per node
+    (plans, parameters, their buffers), so it runs with the garbage collector held off, as
+    planning does (see :func:`~graphengine.compiler.plan.garbage_collection_paused`)."""
+    with garbage_collection_paused():
+        return Model(graph, **options)
+
+
+graph_module.compiler = compile_model

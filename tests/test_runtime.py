@@ -50,6 +50,11 @@ LAYER_CASES: dict[str, Callable] = {
     "prelu": lambda g: g.layer("prelu", flat(g)),
     "maxout": lambda g: g.layer("maxout", flat(g), units=3, pieces=2),
     "conv2d": lambda g: g.layer("conv2d", image(g), filters=3, kernel_size=3, padding=1),
+    "conv1d": lambda g: g.layer("conv1d", seq(g), filters=3, kernel_size=3, padding=1),
+    "conv_transpose2d": lambda g: g.layer("conv_transpose2d", image(g), filters=3, kernel_size=3, stride=2,
+                                          padding=1, output_padding=1),
+    "global_avg_pool2d": lambda g: g.layer("global_avg_pool2d",
+                                           g.layer("conv2d", image(g), filters=2, kernel_size=1)),
     "max_pool2d": lambda g: g.layer("max_pool2d", g.layer("conv2d", image(g), filters=2, kernel_size=1),
                                     kernel_size=2),
     "avg_pool2d": lambda g: g.layer("avg_pool2d", g.layer("conv2d", image(g), filters=2, kernel_size=1),
@@ -62,10 +67,18 @@ LAYER_CASES: dict[str, Callable] = {
     "lstm": lambda g: g.layer("lstm", seq(g), units=3),
     "gru": lambda g: g.layer("gru", seq(g), units=3, return_sequences=True),
     "bidirectional": lambda g: g.layer("bidirectional", seq(g), layer="lstm", units=3),
+    "attention": lambda g: (lambda x: g.layer("attention", g.layer("dense", x, units=4), x, x, g.input(
+        "mask", (None, 1, 5), dtype="bool")))(seq(g)),
+    "multi_head_attention": lambda g: (lambda x: g.layer("multi_head_attention", x, x, heads=2, units=4,
+                                                         causal=True))(seq(g)),
+    "layer_norm": lambda g: g.layer("layer_norm", seq(g)),
     "mean_subtraction": lambda g: g.layer("dense", g.layer("mean_subtraction", flat(g)), units=2),
     "minmax": lambda g: g.layer("dense", g.layer("minmax", flat(g)), units=2),
     "zscore": lambda g: g.layer("dense", g.layer("zscore", flat(g)), units=2),
     "pca": lambda g: g.layer("dense", g.layer("pca", flat(g), components=2), units=2),
+    # an imported ONNX node (graphengine.onnx): the ONNX operator and its attributes
+    "onnx_node": lambda g: g.layer("onnx_node", g.layer("dense", flat(g), units=3), op_type="LeakyRelu",
+                                   attributes={"alpha": 0.2}),
 }
 
 
@@ -100,6 +113,9 @@ def activation_graph(kind: str) -> tuple[ge.Graph, ge.Tensor]:
 
 def loss_graph(kind: str) -> tuple[ge.Graph, ge.Tensor]:
     g = ge.Graph(f"loss_{kind}")
+    if kind == "ctc":  # scores per frame and label sequences; feeds_for's labels 0..2 leave 3 blank
+        frames = g.layer("dense", seq(g), units=4)
+        return g, g.loss(kind, frames, g.input("y", (None, 2), dtype="int64"), blank=3), frames
     logits = g.layer("dense", flat(g), units=3)
     if MANAGER.losses.get(kind).target_kind == "int":
         y = g.input("y", (None,), dtype="int64")

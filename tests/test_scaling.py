@@ -6,6 +6,10 @@ No timing here: benchmarks/scaling.py measures how the phases scale.
 
 from __future__ import annotations
 
+import gc
+import sys
+import weakref
+
 import numpy as np
 import pytest
 
@@ -161,3 +165,66 @@ def test_layer_scopes_are_numbered_and_taken_names_are_refused():
     g.layer("dense", x, units=4, name="dense_3000")
     assert g.layer("dense", x, units=4).name == "dense_3001/add"  # skips the name taken by hand
     assert g.layer("dense", x, units=4, name="a/c").name == "a/c/add"  # a free name in scope "a"
+
+
+SEEN_CONTEXTS: list = []
+#: At each call, how many contexts of earlier calls were still alive.
+ALIVE_BEFORE: list = []
+
+
+class Remembering(ge.Operator):
+    """x -> x, remembering a weak reference to each call's context."""
+
+    kind = "remembering"
+    retain_inputs = (0,)
+
+    def infer(self, x):
+        return x
+
+    def forward(self, ctx, xp, x):
+        ALIVE_BEFORE.append(sum(ref() is not None for ref in SEEN_CONTEXTS))
+        SEEN_CONTEXTS.append(weakref.ref(ctx))
+        ctx.kept = x  # what a backward would read
+        return x
+
+    def backward(self, ctx, xp, inputs, output, grad):
+        return (grad,)
+
+
+class RememberingLayer(ge.Layer):
+    def build(self, g, x):
+        return g.apply(Remembering(), x)
+
+
+@ge.hookimpl
+def graphengine_register_layers(register):
+    register("remembering", RememberingLayer)
+
+
+def test_an_inference_pass_frees_each_context_with_its_step():
+    """predict keeps no context for a backward that will not come: what an operator saved goes
+    with its step (peak memory), and no garbage collection has to traverse it."""
+    SEEN_CONTEXTS.clear()
+    ALIVE_BEFORE.clear()
+    with isolated_plugin_manager(sys.modules[__name__], entry_points=True):
+        g = ge.Graph("contexts")
+        h = g.layer("dense", g.input("x", (None, 3)), units=3)
+        for _ in range(4):
+            h = g.layer("remembering", h * 2.0)
+        model = g.compile((h * h).mean(), outputs=[h], optimizer="sgd")
+        model.predict({"x": np.ones((2, 3), np.float32)})
+        assert ALIVE_BEFORE == [0, 0, 0, 0]
+        model.forward({"x": np.ones((2, 3), np.float32)})  # a training pass keeps them
+        assert ALIVE_BEFORE[4:] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_compiling_and_planning_leave_the_garbage_collector_as_they_found_it(enabled):
+    g, _, _, h, loss = exact_chain(3)
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        g.compile(loss, outputs=[h], optimizer="sgd").run({"x": np.ones((1, 3), np.float32)})
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()

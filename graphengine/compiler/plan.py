@@ -12,7 +12,9 @@ A training or inference plan also carries ``fast``: the same schedule with ``mat
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import gc
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
@@ -134,6 +136,22 @@ def check_loss(graph, loss: str) -> None:
                            f"from float tensors")
 
 
+@contextlib.contextmanager
+def garbage_collection_paused() -> Iterator[None]:
+    """Hold CPython's cyclic garbage collector off while a plan is built. Planning allocates a
+    few objects per node, all of which outlive it and none of which form garbage cycles, so every
+    collection that would start meanwhile is wasted: on a graph of 32k nodes the full ones it
+    triggers (each traverses every object of the process) took a third of the compile time.
+    The allocations still count toward the next collection, which runs once, after."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def build_plan(graph, targets: Iterable[str], *, loss: str | None = None,
                wrt: Iterable[str] = (), keep: Iterable[str] = (),
                frozen: Iterable[str] = (), fuse: bool = True) -> Plan:
@@ -143,6 +161,12 @@ def build_plan(graph, targets: Iterable[str], *, loss: str | None = None,
     ``frozen``) and to the sources named in ``wrt``. ``keep`` names nodes whose values must
     survive the step besides the targets. With ``fuse``, ``plan.fast`` is the fused variant.
     """
+    with garbage_collection_paused():
+        return _build_plan(graph, tuple(targets), loss, tuple(wrt), tuple(keep), tuple(frozen), fuse)
+
+
+def _build_plan(graph, targets: tuple[str, ...], loss: str | None, wrt: tuple[str, ...],
+                keep: tuple[str, ...], frozen: tuple[str, ...], fuse: bool) -> Plan:
     dag = graph.dag
     in_insertion_order = check_acyclic(dag)
     targets = tuple(dict.fromkeys(targets))

@@ -31,6 +31,7 @@ from ..errors import (
 from ..hooks import get_plugin_manager
 from ..ir.contracts import ActivationOp, LossOp
 from ..ir.operators import (
+    DTYPES,
     PRIMITIVES,
     Constant,
     Input,
@@ -43,6 +44,7 @@ from ..ir.operators import (
 )
 
 if TYPE_CHECKING:
+    from ..distributed import Communicator
     from ..ir.contracts import Optimizer
     from ..model import Model  # noqa: F401 (the type compile() returns)
     from ..runtime.backend import Backend
@@ -56,10 +58,9 @@ class GraphBuildWarning(UserWarning):
 #: imported: a graph is a description and does not import the runtime that runs it.
 compiler: Callable[..., Model] | None = None
 
-DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
 
 
-@dataclass
+@dataclass(slots=True)  # no __dict__: one object fewer per node for the garbage collector
 class Node:
     name: str
     op: Operator
@@ -128,7 +129,14 @@ class Tensor:
     def __matmul__(self, other): return self._binary("matmul", other)
     def __rmatmul__(self, other): return self._binary("matmul", other, reverse=True)
     def __neg__(self): return self.graph.op("neg", self)
-    def __pow__(self, exponent: float): return self.graph.op("pow", self, exponent=exponent)
+
+    def __pow__(self, exponent: float | Tensor) -> Tensor:
+        if isinstance(exponent, numbers.Real):
+            return self.graph.op("pow", self, exponent=exponent)
+        return self._binary("power", exponent)
+
+    def __rpow__(self, base: Any) -> Tensor:
+        return self._binary("power", base, reverse=True)
 
     def __getitem__(self, key: Any) -> Tensor:
         key = key if isinstance(key, tuple) else (key,)
@@ -144,6 +152,52 @@ class Tensor:
 
     def mean(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Tensor:
         return self.graph.op("mean", self, axis=axis, keepdims=keepdims)
+
+    def max(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Tensor:
+        """The largest element along ``axis``; tied elements share the gradient evenly."""
+        return self.graph.op("max", self, axis=axis, keepdims=keepdims)
+
+    def min(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> Tensor:
+        """The smallest element along ``axis``; tied elements share the gradient evenly."""
+        return self.graph.op("min", self, axis=axis, keepdims=keepdims)
+
+    def var(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False,
+            ddof: int = 0) -> Tensor:
+        """Variance along ``axis``, divided by ``N - ddof``: ``ddof=0`` is numpy's default and
+        torch's ``correction=0``; ``ddof=1`` is torch's default."""
+        return self.graph.op("var", self, axis=axis, keepdims=keepdims, ddof=ddof)
+
+    def std(self, axis: int | tuple[int, ...] | None = None, keepdims: bool = False,
+            ddof: int = 0) -> Tensor:
+        """Standard deviation along ``axis``, the root of :meth:`var` (same ``ddof``)."""
+        return self.graph.op("std", self, axis=axis, keepdims=keepdims, ddof=ddof)
+
+    def clip(self, lo: float | None = None, hi: float | None = None) -> Tensor:
+        """``x`` limited to ``[lo, hi]`` (None: that side open), as torch.clamp."""
+        return self.graph.op("clip", self, lo=lo, hi=hi)
+
+    def squeeze(self, axis: int | tuple[int, ...] | None = None) -> Tensor:
+        """Remove axes of size 1 (``axis``, or all of known size 1)."""
+        return self.graph.op("squeeze", self, axis=axis)
+
+    def expand_dims(self, axis: int) -> Tensor:
+        """Insert an axis of size 1 at ``axis`` (torch.unsqueeze)."""
+        return self.graph.op("expand_dims", self, axis=axis)
+
+    def astype(self, dtype: Any) -> Tensor:
+        """The tensor cast to ``dtype`` (a name such as ``"float64"``, or a numpy dtype)."""
+        if dtype is not None:  # np.dtype(None) would be float64
+            with contextlib.suppress(TypeError, ValueError):  # the operator refuses a bad name
+                dtype = np.dtype(dtype).name
+        return self.graph.op("astype", self, dtype=str(dtype))
+
+    def softmax(self, axis: int = -1) -> Tensor:
+        """softmax along ``axis``."""
+        return self.graph.op("softmax", self, axis=axis)
+
+    def log_softmax(self, axis: int = -1) -> Tensor:
+        """log(softmax) along ``axis``, computed without overflow."""
+        return self.graph.op("log_softmax", self, axis=axis)
 
     def reshape(self, *shape: int | None) -> Tensor:
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
@@ -507,7 +561,7 @@ class Graph:
                 initial_values: Mapping[str, Any] | None = None,
                 regularizer: Any = None, constraint: Any = None, clip_norm: float | None = None,
                 clip_value: float | None = None, schedule: Schedule | None = None,
-                metrics: Any = None) -> Model:
+                metrics: Any = None, distributed: Communicator | None = None) -> Model:
         """Compile into a :class:`Model`: validate, prune to what ``loss`` and ``outputs``
         need, order, plan memory, initialize parameters.
 
@@ -520,7 +574,9 @@ class Graph:
         clipping and a learning-rate schedule (see :mod:`graphengine.train.regularization`).
         ``metrics`` are what ``fit`` and ``evaluate`` report beside the loss: ``"mae"``,
         ``"rmse"``, ``"r2"``, ``"top5_accuracy"``, or functions ``fn(pred, target) -> float``
-        (see :mod:`graphengine.train.metrics`).
+        (see :mod:`graphengine.train.metrics`). ``distributed`` (the communicator of
+        ``ge.distributed.init()``) trains data-parallel over the ranks of an MPI job (see
+        :mod:`graphengine.distributed`).
         """
         if compiler is None:
             raise GraphEngineError("graphengine's runtime is not loaded: import graphengine")
@@ -528,7 +584,7 @@ class Graph:
                         seed=seed, parameters=parameters, initial_values=initial_values,
                         regularizer=regularizer,
                         constraint=constraint, clip_norm=clip_norm, clip_value=clip_value,
-                        schedule=schedule, metrics=metrics)
+                        schedule=schedule, metrics=metrics, distributed=distributed)
 
 
 def _scopes_of(name: str) -> Iterator[str]:
@@ -615,7 +671,8 @@ def _check_dtype(dtype: Any, what: str) -> str:
     return name
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+#: graphengine's own folder: ``ge.where``, ``ge.concat`` and the like build from its __init__.py.
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 def _user_origin() -> str | None:

@@ -93,6 +93,12 @@ class Executor:
         for observer in observers:
             observer.on_run_start(self.owner, tape)
         xp = self.xp
+        # An inference pass keeps no context: each goes with its step, and with it what the
+        # operator saved for a backward that will not come (and no full garbage collection
+        # has to traverse them while the pass runs).
+        keep_contexts = bool(plan.backward)
+        if not keep_contexts:
+            tape.contexts = []
         contexts = tape.contexts
         step = None
         try:
@@ -102,14 +108,18 @@ class Executor:
                     # ``step`` names the node in the error report below
                     for step, (index, forward, out, args, release) in zip(  # noqa: B007
                             executed.steps, executed.programs()[0]):
-                        contexts[index] = ctx = Context(tape)
+                        ctx = Context(tape)
+                        if keep_contexts:
+                            contexts[index] = ctx
                         values[out] = forward(ctx, xp, *map(get, args))
                         for slot in release:
                             values[slot] = None
                 else:
                     for index, step in enumerate(executed.steps):
                         args = [values[a] for a in step.args]
-                        contexts[index] = ctx = Context(tape)
+                        ctx = Context(tape)
+                        if keep_contexts:
+                            contexts[index] = ctx
                         value = step.op.forward(ctx, xp, *args)
                         for observer in observers:
                             observer.on_forward(self.owner, tape, step, args, value)
@@ -125,8 +135,7 @@ class Executor:
             if error is None:
                 raise
             raise error from exc
-        if not plan.backward:
-            tape.contexts = []  # no backward follows an inference pass: nothing to keep
+        if not keep_contexts:
             for observer in observers:
                 observer.on_run_end(self.owner, tape)
         return tape
