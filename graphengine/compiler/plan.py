@@ -97,12 +97,16 @@ class Plan:
         builds its own."""
         cached = self.__dict__.get("_programs")
         if cached is None:
-            cached = self.__dict__["_programs"] = (
-                [(k, s.op.forward, s.out, s.args, s.release) for k, s in enumerate(self.steps)],
-                [(b.step.op.backward, b.index, b.step.out, b.kept_args, b.kept_out, b.grad_to,
-                  b.wanted, b.release, b.index != after.index)
-                 for b, after in zip(self.backward, [*self.backward[1:], _END])])
+            with garbage_collection_paused():  # a few long-lived objects per step, as planning
+                cached = self.__dict__["_programs"] = self._bind()
         return cached
+
+    def _bind(self) -> tuple[list[tuple], list[tuple]]:
+        return (
+            [(k, s.op.forward, s.out, s.args, s.release) for k, s in enumerate(self.steps)],
+            [(b.step.op.backward, b.index, b.step.out, b.kept_args, b.kept_out, b.grad_to,
+              b.wanted, b.release, b.index != after.index)
+             for b, after in zip(self.backward, [*self.backward[1:], _END])])
 
 
 #: Stands after the last backward step: its index matches no forward step.
