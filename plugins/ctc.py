@@ -63,6 +63,7 @@ class CTC(ge.Loss):
 
     target_kind = "int"
     applies_activation = "softmax"
+    uses_context = True  # the backward reads the forward's lattice and alpha from the call's context
 
     def __init__(self, blank: int = 0, zero_infinity: bool = False) -> None:
         if isinstance(blank, bool) or not isinstance(blank, int) or blank < 0:
@@ -169,15 +170,14 @@ class CTC(ge.Loss):
 
     # -- the loss ------------------------------------------------------------------------------
 
-    def forward(self, xp, pred, target):
-        lattice = self._lattice(xp, pred, target)
-        loglik = self._log_likelihood(xp, self._forward_variables(xp, lattice), lattice)
+    def forward(self, ctx, xp, pred, target):
+        ctx.lattice = lattice = self._lattice(xp, pred, target)
+        ctx.alpha = alpha = self._forward_variables(xp, lattice)
+        loglik = self._log_likelihood(xp, alpha, lattice)
         return xp.where(lattice["feasible"], -loglik, 0.0).sum() * (1.0 / pred.shape[0])
 
-    def backward(self, xp, pred, target):
-        # The contract gives backward no state from forward, so alpha is computed again.
-        lattice = self._lattice(xp, pred, target)
-        alpha = self._forward_variables(xp, lattice)
+    def backward(self, ctx, xp, pred, target):
+        lattice, alpha = ctx.lattice, ctx.alpha
         beta = self._backward_variables(xp, lattice)
         feasible = lattice["feasible"]
         # An infeasible sequence's log-likelihood is about LOG_ZERO, and exp(alpha + beta - it)

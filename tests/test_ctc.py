@@ -26,9 +26,9 @@ def ctc_op(**config) -> LossOp:
 
 
 def ours(logits: np.ndarray, labels: np.ndarray, **config) -> tuple[np.ndarray, np.ndarray]:
-    op = ctc_op(**config)
-    value = op.forward(make_context(), np, logits, labels)
-    grad = op.backward(make_context(), np, (logits, labels), value, np.array(1.0, logits.dtype))[0]
+    op, ctx = ctc_op(**config), make_context()  # one call: its backward reads its forward's context
+    value = op.forward(ctx, np, logits, labels)
+    grad = op.backward(ctx, np, (logits, labels), value, np.array(1.0, logits.dtype))[0]
     return value, grad
 
 
@@ -198,3 +198,18 @@ def test_an_infeasible_batch_stops_training_with_the_sequence_named():
     model = frame_model("ctc_short", 2, optimizer="sgd")
     with pytest.raises(ge.DataError, match="sequence 1 needs 3"):
         model.fit(frames_and_labels(2), epochs=1, batch_size=2, verbose=0)
+
+
+def test_a_training_step_runs_the_forward_recursion_once(monkeypatch):
+    """The backward reads alpha from its call's context (Loss.uses_context) instead of
+    running the recursion over time again."""
+    calls = []
+    recursion = CTC._forward_variables
+    monkeypatch.setattr(CTC, "_forward_variables",
+                        lambda self, xp, lattice: calls.append(1) or recursion(self, xp, lattice))
+    g = ge.Graph("ctc_once")
+    x = g.input("x", (None, 6, 3))
+    labels = g.input("labels", (None, 2), dtype="int64")
+    model = g.compile(g.loss("ctc", g.layer("dense", x, units=5), labels), optimizer="sgd")
+    model.train_step({"x": np.ones((2, 6, 3), np.float32), "labels": np.array([[1, 2], [3, -1]])})
+    assert len(calls) == 1

@@ -104,6 +104,11 @@ class Loss:
     ``backward`` returns dL/dpred. Optional: ``check`` validates shapes at build time,
     ``predict`` maps raw predictions to what ``Model.predict`` returns (softmax for
     softmax cross-entropy), and ``accuracy`` gives the fraction classified correctly.
+
+    A loss whose backward would otherwise repeat its forward's work (CTC's forward recursion)
+    sets ``uses_context = True``: its ``forward`` and ``backward`` then take the call's context
+    first, ``forward(ctx, xp, pred, target)`` and ``backward(ctx, xp, pred, target)``, and the
+    forward keeps what the backward reads on it (``ctx.alpha = ...``), as an operator does.
     """
 
     #: The dtype family the target must have: "float", "int", or "any" for a loss that takes
@@ -114,6 +119,8 @@ class Loss:
     #: logits: "softmax"), if any: a prediction that is that activation's output is a mistake
     #: (it is applied twice), and ``g.loss`` warns of it.
     applies_activation: ClassVar[str | None] = None
+    #: Whether ``forward`` and ``backward`` take the call's context first (see above).
+    uses_context: ClassVar[bool] = False
 
     def __init__(self, **config: Any) -> None:
         if config:
@@ -165,11 +172,15 @@ class LossOp(Operator):
         return TensorSpec((), pred.dtype)
 
     def forward(self, ctx, xp, pred, target):
+        if self.loss.uses_context:
+            return self.loss.forward(ctx, xp, pred, target)
         return self.loss.forward(xp, pred, target)
 
     def backward(self, ctx, xp, inputs, output, grad):
         pred, target = inputs
-        return self.loss.backward(xp, pred, target) * grad, None
+        loss = self.loss
+        dpred = loss.backward(ctx, xp, pred, target) if loss.uses_context else loss.backward(xp, pred, target)
+        return dpred * grad, None
 
 
 class Layer:
