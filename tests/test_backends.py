@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import graphengine as ge
 from graphengine.testing import available_backends, check_backward
@@ -96,3 +98,20 @@ def test_cupy_reports_unavailable_instead_of_crashing():
     assert "cupy" not in available_backends()
     with pytest.raises(ge.BackendError, match="unavailable"):
         ge.get_backend("cupy")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "strict"])
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 6), width=st.sampled_from([(), (3,), (2, 2)]),
+       picks=st.lists(st.integers(-6, 5), min_size=1, max_size=30), seed=st.integers(0, 99))
+def test_scatter_add_adds_repeated_indices_as_np_add_at(backend, rows, width, picks, seed):
+    """Rows picked by an index array (the sorted, run-reduced path) and anything else (negative
+    indices: np.add.at) add up exactly as np.add.at does."""
+    be = ge.get_backend(backend)
+    indices = np.array([p % rows if p >= 0 else max(p, -rows) for p in picks])
+    values = np.random.default_rng(seed).standard_normal((len(indices), *width))
+    expected = np.zeros((rows, *width))
+    np.add.at(expected, indices, values)
+    target = be.xp.zeros((rows, *width))
+    be.xp.scatter_add(target, be.asarray(indices), be.asarray(values))
+    np.testing.assert_allclose(be.to_numpy(target), expected, rtol=1e-12, atol=1e-12)

@@ -69,18 +69,21 @@ def test_the_step_model_shares_the_training_models_parameters(seq2seq):
 
 @pytest.mark.slow
 def test_attention_translates_long_strings_that_the_summary_alone_cannot(seq2seq):
-    # 6 of the example's 8 epochs on 2000 of its 3000 strings
+    # the example's 8 epochs on 2000 of its 3000 strings (at 6 epochs the attention model is
+    # still finding the alignment, and whether it has found it by then depends on float rounding)
     train, test = seq2seq.strings(2000, seed=0), seq2seq.strings(300, seed=1)
     accuracy = {}
     for attention in (True, False):
         translator = seq2seq.Translator(attention)
-        translator.fit(train, epochs=6)
+        translator.fit(train, epochs=8)
         decoded, weights = translator.translate(test["src"], test["mask"])
         accuracy[attention] = seq2seq.accuracy_by_length(seq2seq.exact(decoded, test), test["length"])
-        # greedy decoding stops: every string gets its <end>, and nothing after it
+        # greedy decoding stops: nothing after an <end>, and with attention nearly every string
+        # gets one (the summary alone loses its place in long strings and may run on)
         ended = (decoded == seq2seq.EOS).sum(axis=1)
-        assert (ended <= 1).all() and ended.mean() > 0.9
+        assert (ended <= 1).all()
         if attention:
+            assert ended.mean() > 0.9, ended.mean()
             # output t of an 8-digit string copies input digit 7 - t: the weights gather on that
             # anti-diagonal, and almost all of them within one digit of it
             rows, steps = np.flatnonzero(test["length"] == 8), np.arange(8)
