@@ -19,7 +19,7 @@ class GraphEngineError(Exception):
 
 
 class GraphBuildError(GraphEngineError, ValueError):
-    """A graph cannot be built as asked (unknown input, duplicate name, cycle, ...)."""
+    """A graph cannot be built as asked (unknown input, duplicate name, a tensor of another graph, ...)."""
 
 
 class ShapeError(GraphBuildError):

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
-from .compiler.plan import Plan, build_plan, check_acyclic, check_loss, garbage_collection_paused
+from .compiler.plan import Plan, build_plan, check_loss, garbage_collection_paused
 from .distributed import Communicator, DataParallel, attach, writes
 from .errors import CompileError, GraphEngineError, checked_keywords
 from .io import serialize
@@ -72,7 +72,6 @@ class Model:
         if loss is None and not outputs:
             raise CompileError("compile() needs a loss, outputs, or both")
         self.loss_name = _node_name(graph, loss, "loss") if loss is not None else None
-        check_acyclic(graph.dag)
         if self.loss_name is not None:
             check_loss(graph, self.loss_name)
         if isinstance(outputs, Iterable) and not isinstance(outputs, str):

@@ -223,15 +223,6 @@ def duplicate_name(mp):
     g.input("x", (None, 3))
 
 
-def graph_with_a_cycle(mp):
-    g = ge.Graph("loop")
-    x = g.input("x", (None, 3))
-    a = x.exp()
-    b = a.log()
-    g.dag.add_edge(b.name, a.name)  # feeds b back into a: only possible by editing the DAG
-    g.compile(outputs=[b])
-
-
 def loss_not_a_scalar(mp):
     g = ge.Graph()
     x = g.input("x", (None, 3))
@@ -520,8 +511,6 @@ CASES = [
     Case(dtypes_differ, ge.ShapeError, "dtypes differ: float32 vs float64", "cast one side explicitly"),
     Case(duplicate_name, ge.GraphBuildError, "graph 'graph' already has a node named 'x'",
          "pass another name="),
-    Case(graph_with_a_cycle, ge.CompileError, "the graph has a cycle (exp_0 -> log_0 -> exp_0)",
-         "remove the edge"),
     Case(loss_not_a_scalar, ge.CompileError, "must be a scalar, but its shape is (None, 2)",
          "reduce it with .mean() or .sum()"),
     Case(nothing_to_train, ge.CompileError, "no trainable parameter (or input asked for) influences "

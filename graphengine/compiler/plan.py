@@ -18,8 +18,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
-import networkx as nx
-
 from ..compiler.fusion import backward_parts, fuse_dense
 from ..errors import CompileError
 from ..ir.operators import Constant, Input, Operator, Parameter, TensorSpec
@@ -113,22 +111,6 @@ class Plan:
 _END = SimpleNamespace(index=-1)
 
 
-def check_acyclic(dag: nx.DiGraph) -> bool:
-    """Refuse a cycle. True when every edge runs from a node to a later-added one, as builder
-    calls make them (they only take existing tensors): then there is no cycle, the order of
-    insertion is a topological order, and checking it takes one look per edge, a fifth of
-    networkx's sort. False when an edge added to the DAG by hand runs backwards (acyclic still)."""
-    position = {name: i for i, name in enumerate(dag)}
-    if all(position[a] < position[b] for a, after in dag.adjacency() for b in after):
-        return True
-    if not nx.is_directed_acyclic_graph(dag):
-        cycle = [str(u) for u, _ in nx.find_cycle(dag)]
-        raise CompileError(f"the graph has a cycle ({' -> '.join([*cycle, cycle[0]])}); a static "
-                           f"graph must be acyclic: remove the edge that feeds a node back into "
-                           f"its own inputs (for a loop over time, use a recurrent layer)")
-    return False
-
-
 def check_loss(graph, loss: str) -> None:
     """A loss must be a floating-point scalar: the one value that backward differentiates."""
     spec = graph.nodes[loss].spec
@@ -171,19 +153,13 @@ def build_plan(graph, targets: Iterable[str], *, loss: str | None = None,
 
 def _build_plan(graph, targets: tuple[str, ...], loss: str | None, wrt: tuple[str, ...],
                 keep: tuple[str, ...], frozen: tuple[str, ...], fuse: bool) -> Plan:
-    dag = graph.dag
-    in_insertion_order = check_acyclic(dag)
     targets = tuple(dict.fromkeys(targets))
     for t in targets:
         if t not in graph.nodes:
             raise CompileError(f"graph {graph.name!r} has no node {t!r}")
-    needed = _ancestors(dag, targets)
-    # The order nodes were added in, which plans have always followed: no sort needed.
+    needed = ancestors(graph, targets)
+    # The order nodes were added in is a topological order (see Graph.nodes): no sort needed.
     order = [name for name in graph.nodes if name in needed]
-    if not in_insertion_order:  # the topological order nearest to it (n log n)
-        position = {name: i for i, name in enumerate(order)}
-        order = list(nx.lexicographical_topological_sort(dag.subgraph(needed),
-                                                         key=position.__getitem__))
     slots = {name: i for i, name in enumerate(order)}
     nodes = graph.nodes
 
@@ -214,13 +190,14 @@ def _build_plan(graph, targets: tuple[str, ...], loss: str | None, wrt: tuple[st
     return plan
 
 
-def _ancestors(dag: nx.DiGraph, targets: Iterable[str]) -> set[str]:
-    """``targets`` and every node they depend on, in one walk: a walk per target (networkx's
-    ``ancestors``) costs targets x nodes."""
+def ancestors(graph, targets: Iterable[str]) -> set[str]:
+    """``targets`` and every node they depend on, in one walk over the nodes' inputs (a walk
+    per target, as networkx's ``ancestors``, costs targets x nodes)."""
+    nodes = graph.nodes
     found = set(targets)
     stack = list(found)
     while stack:
-        for name in dag.pred[stack.pop()]:
+        for name in nodes[stack.pop()].inputs:
             if name not in found:
                 found.add(name)
                 stack.append(name)

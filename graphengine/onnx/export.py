@@ -14,9 +14,9 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import numpy as np
 
+from ..compiler.plan import ancestors
 from ..errors import GraphEngineError
 from ..hooks import get_plugin_manager
 from ..ir.contracts import ActivationOp, LossOp
@@ -120,9 +120,7 @@ class Exporter:
 
     def run(self, exporters: dict[str, ExporterFn]) -> Any:
         helper = self.onnx.helper
-        wanted = set(self.model.output_names)
-        for name in self.model.output_names:
-            wanted |= nx.ancestors(self.graph.dag, name)
+        wanted = ancestors(self.graph, self.model.output_names)
         needed = [name for name in self.graph.nodes if name in wanted]  # graph order: topological
         inputs, missing = [], {}
         for name in needed:
