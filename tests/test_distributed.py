@@ -224,3 +224,22 @@ def test_the_example_trains_on_one_process_without_mpi(tmp_path, monkeypatch):
     accuracy = load_example("distributed_digits").main(epochs=2, out=tmp_path)
     assert accuracy > 0.7
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits-2.ge", "gradient_flow.svg"]
+
+
+@pytest.mark.slow
+@needs_mpi
+def test_the_readme_command_runs_the_example_on_two_processes(tmp_path):
+    """The README's "more than one machine" command, with 5 epochs: rank 0 alone prints and
+    writes the checkpoint and the diagram."""
+    mpiexec = str(MPIEXEC) if MPIEXEC.exists() else shutil.which("mpiexec")
+    script = REPO / "examples" / "distributed_digits.py"
+    job = subprocess.run([mpiexec, "-n", "2", sys.executable, str(script), "5"], cwd=tmp_path,
+                         env=_plain_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert job.returncode == 0, f"{job.stdout}\n{job.stderr}"
+    lines = job.stdout.splitlines()
+    assert sum(line.startswith("epoch 1/5") for line in lines) == 1  # rank 0 alone prints
+    assert lines[-1].startswith("2 rank(s): test accuracy")
+    accuracy = float(job.stdout.split("test accuracy ")[1].split(";")[0])
+    assert accuracy > 0.85
+    written = sorted(p.name for p in (tmp_path / "distributed_output").iterdir())
+    assert written == ["digits-5.ge", "gradient_flow.svg"]
