@@ -364,3 +364,20 @@ def test_importing_graphengine_and_its_onnx_package_does_not_import_onnx():
             "print([m for m in ('onnx', 'onnxruntime') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_five_lines_of_docs_onnx_run_and_agree_with_predict(tmp_path, monkeypatch):
+    """docs/onnx.md's first example, as written, on a small trained digits-like model."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "onnx.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    model, train, _ = mlp()
+    model.fit(train, epochs=1, batch_size=8, verbose=0)
+    monkeypatch.chdir(tmp_path)
+    model.save("digits.gem")
+    namespace = {"X": train["x"][:7]}
+    exec(code, namespace)
+    np.testing.assert_allclose(namespace["probs"], model.predict({"x": train["x"][:7]}),
+                               rtol=RTOL, atol=ATOL)
