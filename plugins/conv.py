@@ -707,7 +707,7 @@ class Conv2DLayer(ge.Layer):
     Parameters ``W`` (filters, channels / groups, kh, kw), PyTorch's layout, and ``b``
     (filters,). ``padding`` is an int, a pair, ((top, bottom), (left, right)), "valid" or "same"
     (TensorFlow's: output = ceil(input / stride), the odd pixel at the bottom/right; PyTorch's
-    "same" allows stride 1 only and puts the odd pixel at the top/left)."""
+    "same" puts it there too, but allows stride 1 only)."""
 
     def __init__(self, filters: int, kernel_size: int | Sequence[int], stride: int | Sequence[int] = 1,
                  padding: Any = 0, dilation: int | Sequence[int] = 1, groups: int = 1, bias: bool = True,

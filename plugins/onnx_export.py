@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from graphengine.plugins.activations import SELU_ALPHA, SELU_SCALE
 
 import graphengine as ge
-from graphengine.errors import GraphEngineError
 from graphengine.onnx.mappings import axes_operand, clip_between, unary
 
 
@@ -59,7 +59,7 @@ def _mish(ex, node):
 def _pads(window) -> list[int]:
     """ONNX's (top, left, bottom, right), without what ceil_mode added (ONNX adds it itself)."""
     (top, bottom), (left, right) = window.pads
-    extra_h, extra_w = getattr(window, "ceil_extra", (0, 0))
+    extra_h, extra_w = window.ceil_extra
     return [top, left, bottom - extra_h, right - extra_w]
 
 
@@ -68,7 +68,7 @@ def _conv2d(ex, node):
     kernel = list(ex.graph.nodes[w].shape[2:])
     ex.add("Conv", [ex.input(node, i) for i in range(len(node.inputs))], node.name,
            kernel_shape=kernel, strides=list(op.stride), pads=_pads(op.window),
-           dilations=list(getattr(op, "dilation", (1, 1))), group=getattr(op, "groups", 1))
+           dilations=list(op.dilation), group=op.groups)
 
 
 def _conv_transpose2d(ex, node):
@@ -85,7 +85,7 @@ def _pool(op_type: str) -> Callable:
         extra = {"count_include_pad": int(op.count_include_pad)} if op_type == "AveragePool" else {}
         ex.add(op_type, [ex.input(node, 0)], node.name, kernel_shape=list(op.kernel),
                strides=list(op.stride), pads=_pads(op.window),
-               ceil_mode=int(getattr(op, "ceil_mode", False)), **extra)
+               ceil_mode=int(op.ceil_mode), **extra)
     return export
 
 
@@ -204,8 +204,6 @@ def _recurrent(ex, node):
     initial = node.inputs[first_state:len(node.inputs) - op.masked]
     for i, _ in enumerate(initial):
         operands.append(axes_operand(ex, "Unsqueeze", ex.input(node, first_state + i), [0], None, 13))
-    if len(initial) == 1 and node.kind == "lstm":
-        raise GraphEngineError(f"ONNX export of {node.name!r}: an LSTM takes both initial states")
     if op.masked:
         # ONNX takes each sequence's length: the same as the mask where it is a prefix of each
         # row (padding at the end, as batches of variable-length sequences have it).
@@ -229,7 +227,7 @@ EXPORTERS: dict[str, Callable] = {
     "identity": unary("Identity"), "relu": unary("Relu"), "sigmoid": unary("Sigmoid"),
     "tanh": unary("Tanh"), "leaky_relu": _leaky_relu, "elu": _elu, "softplus": unary("Softplus"),
     "sign": unary("Sign"), "gelu": _gelu, "silu": _silu, "mish": _mish, "softsign": unary("Softsign"),
-    "selu": unary("Selu", alpha=1.6732632423543772, gamma=1.0507009873554805),
+    "selu": unary("Selu", alpha=SELU_ALPHA, gamma=SELU_SCALE),
     "hard_sigmoid": unary("HardSigmoid", alpha=1 / 6, beta=0.5), "relu6": clip_between(0.0, 6.0),
     "conv2d": _conv2d, "conv_transpose2d": _conv_transpose2d, "max_pool2d": _pool("MaxPool"),
     "avg_pool2d": _pool("AveragePool"), "global_avg_pool2d": _global_avg_pool2d,

@@ -360,6 +360,8 @@ CASES = {
     "Gather": ({"axis": 1}, {}, [normal(2, 4), np.array([[0, 3], [3, -1]])]),
     "Expand": ({}, {1: [2, 1, 3]}, [normal(1, 3)]), "Tile": ({}, {1: [2, 3]}, [normal(2, 2)]),
     "Pad": ({}, {1: [1, 0, 0, 2]}, [normal(2, 3)]), "Dropout": ({}, {}, [normal(2, 3)]),
+    **{f"Pad:{mode}": ({"mode": mode}, {1: [1, 2, 2, 1]}, [normal(3, 4)])
+       for mode in ("reflect", "edge", "wrap")},
     "Conv": ({"pads": [1, 0, 0, 1], "strides": [2, 1], "dilations": [1, 2], "group": 2}, {},
              [normal(2, 4, 5, 5), normal(4, 2, 2, 2), normal(4)]),
     "ConvTranspose": ({"strides": [2, 1], "pads": [1, 0, 0, 1], "output_padding": [1, 0],
@@ -385,4 +387,38 @@ def test_every_differentiable_onnx_operator_has_a_gradient_check():
 @pytest.mark.parametrize("op_type", sorted(CASES))
 def test_onnx_operator_backward_matches_finite_differences(op_type, backend):
     attributes, static, inputs = CASES[op_type]
+    op_type = op_type.split(":")[0]  # "Pad:reflect": the operator, in one of its modes
     check_backward(lambda: OnnxOp(op_type, attributes, static), inputs, backend=backend)
+
+
+def test_a_loss_that_applies_the_output_activation_takes_the_logits(tmp_path, recwarn):
+    """A sigmoid-output model imported with loss="binary_cross_entropy" (from logits) feeds the
+    loss the sigmoid's input, not its output (no sigmoid applied twice), as with softmax."""
+    weight = init("W", rng.standard_normal((3, 1)).astype("float32"))
+    proto = model_of([helper.make_node("MatMul", ["x", "W"], ["z"]),
+                      helper.make_node("Sigmoid", ["z"], ["p"])],
+                     [tensor("x", ["N", 3])], [tensor("p", ["N", 1])], [weight])
+    path = tmp_path / "logistic.onnx"
+    onnx.save(proto, str(path))
+    model = load(path, loss="binary_cross_entropy", target="y")
+    loss_node = model.graph.nodes[model.loss_name]
+    assert model.graph.nodes[loss_node.inputs[0]].kind != "sigmoid"
+    assert not [w for w in recwarn if issubclass(w.category, ge.GraphBuildWarning)]
+    x = rng.standard_normal((4, 3)).astype("float32")
+    np.testing.assert_allclose(model.predict({"x": x}), onnxruntime(proto, {"x": x})[0],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_a_missing_file_and_a_malformed_node_are_graphengine_errors(tmp_path):
+    with pytest.raises(ge.SerializationError, match="cannot read ONNX file .*missing.onnx"):
+        load(tmp_path / "missing.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"\x08\x07not a protobuf at all")
+    with pytest.raises(ge.SerializationError, match="not an ONNX model"):
+        load(tmp_path / "junk.onnx")
+    w = init("W", rng.standard_normal((1, 4, 3)).astype("float32"))
+    r = init("R", rng.standard_normal((1, 4, 4)).astype("float32"))
+    rnn = helper.make_node("RNN", ["x", "W", "R"], ["y"], name="rnn_without_hidden_size")
+    proto = helper.make_model(helper.make_graph([rnn], "g", [tensor("x", [5, 2, 3])],
+                                                [tensor("y", None)], [w, r]))
+    with pytest.raises(ge.GraphEngineError, match="node 'rnn_without_hidden_size' \\(RNN\\)"):
+        load(proto)

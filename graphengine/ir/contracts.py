@@ -118,7 +118,7 @@ class Loss:
     #: The activation this loss applies to its prediction itself (softmax cross-entropy from
     #: logits: "softmax"), if any: a prediction that is that activation's output is a mistake
     #: (it is applied twice), and ``g.loss`` warns of it.
-    applies_activation: ClassVar[str | None] = None
+    applies_activation: str | None = None  # or a property, where the configuration decides
     #: Whether ``forward`` and ``backward`` take the call's context first (see above).
     uses_context: ClassVar[bool] = False
 

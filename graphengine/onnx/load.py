@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import GraphEngineError
+from ..errors import GraphEngineError, SerializationError
 from ..hooks import get_plugin_manager
 from ..ir.graph import Graph, Tensor
 from .export import require_onnx
@@ -157,6 +157,9 @@ class Importer:
                 self.convert(index, node)
             except GraphEngineError as exc:
                 raise type(exc)(f"ONNX import, node {node.name or index!r} ({node.op_type}): {exc}") from None
+            except (KeyError, IndexError, ValueError, TypeError) as exc:  # a malformed node
+                raise GraphEngineError(f"ONNX import, node {node.name or index!r} ({node.op_type}) is "
+                                       f"malformed: {type(exc).__name__}: {exc}") from None
         outputs = [self.tensor(value.name) for value in graph.output]
         return self.g, outputs, self.initial
 
@@ -585,10 +588,11 @@ def read(source: str | os.PathLike | Any) -> Any:
         return source
     try:
         return onnx.load(os.fspath(source))
-    except FileNotFoundError:
-        raise
+    except OSError as exc:
+        raise SerializationError(f"cannot read ONNX file {os.fspath(source)!r}: "
+                                 f"{exc.strerror or exc}") from None
     except Exception as exc:  # a protobuf decode error: not an ONNX file
-        raise GraphEngineError(f"{source}: not an ONNX model ({type(exc).__name__}: {exc})") from None
+        raise SerializationError(f"{source}: not an ONNX model ({type(exc).__name__}: {exc})") from None
 
 
 def load(source: str | os.PathLike | Any, *, loss: str | None = None, optimizer: Any = None,
@@ -612,7 +616,7 @@ def load(source: str | os.PathLike | Any, *, loss: str | None = None, optimizer:
         labels = graph.input(target, head.shape[:-1], dtype="int64")
     else:
         labels = graph.input(target, head.shape, dtype=head.dtype)
-    applied = getattr(entry.obj, "applies_activation", None)
+    applied = getattr(entry.obj(), "applies_activation", None)  # an instance: it may depend on config
     if isinstance(applied, str) and head.node.kind == applied:
         # The loss applies the output's activation itself (softmax cross-entropy on a softmax
         # output): it takes the activation's input, the logits; predict() still gives the output.

@@ -37,10 +37,11 @@ FORWARD: dict[str, Callable[..., Any]] = {}
 BACKWARD: dict[str, Callable[..., tuple]] = {}
 
 
-class _Ctx:
-    """The context of a forward run outside a model (shape inference, constant folding)."""
+class _EveryInput:
+    """``retain_inputs`` of an ONNX node: every input, however many (a rule may read any)."""
 
-    training = False
+    def __contains__(self, index: object) -> bool:
+        return True
 
 
 class OnnxOp(Operator):
@@ -48,6 +49,8 @@ class OnnxOp(Operator):
     position among the ONNX node's inputs) that fix its output's shape. A node of several
     outputs becomes one operator per output used, ``output`` saying which; gradients flow
     through the first only (the others are statistics or masks)."""
+
+    retain_inputs = _EveryInput()  # type: ignore[assignment]
 
     def __init__(self, op_type: str, attributes: Attributes | None = None,
                  static: dict[Any, Any] | None = None, output: int = 0) -> None:
@@ -59,10 +62,6 @@ class OnnxOp(Operator):
         self.static = {int(k): _static_value(v) for k, v in (static or {}).items()}
         self.output = int(output)
         self.retain_output = True
-
-    @property
-    def retain_inputs(self) -> tuple[int, ...]:  # type: ignore[override]
-        return tuple(range(64))  # every input: the ONNX rules read what they need
 
     def config(self) -> dict[str, Any]:
         return {"op_type": self.op_type, "attributes": self.attributes,
@@ -123,10 +122,6 @@ def _dummy(spec: TensorSpec, batch: int) -> np.ndarray:
     shape = tuple(batch if d is None else d for d in spec.shape)
     kind = np.dtype(spec.dtype).kind
     return np.ones(shape, spec.dtype) if kind == "f" else np.zeros(shape, spec.dtype)
-
-
-def differentiable(op_type: str) -> bool:
-    return op_type in BACKWARD
 
 
 # --------------------------------------------------------------------------- elementwise, one input
@@ -464,11 +459,18 @@ def _count(x: Any, axes: tuple[int, ...]) -> int:
     return math.prod(x.shape[i] for i in axes)
 
 
+def _ties(xp: Any, x: Any, y: Any, axes: tuple[int, ...]) -> Any:
+    """Where ``x`` reaches its extreme ``y`` over ``axes``, each tie's share: the gradient is
+    split evenly among tied elements (as the ``max`` primitive and torch.amax do)."""
+    hits = (x == y).astype(x.dtype)
+    return hits / hits.sum(axis=axes, keepdims=True)
+
+
 _reduce("ReduceSum", lambda xp, x, ax, k: x.sum(axis=ax, keepdims=k), lambda xp, x, y, ax: 1)
 _reduce("ReduceMean", lambda xp, x, ax, k: x.mean(axis=ax, keepdims=k),
         lambda xp, x, y, ax: 1 / _count(x, ax))
-_reduce("ReduceMax", lambda xp, x, ax, k: x.max(axis=ax, keepdims=k), lambda xp, x, y, ax: x == y)
-_reduce("ReduceMin", lambda xp, x, ax, k: x.min(axis=ax, keepdims=k), lambda xp, x, y, ax: x == y)
+_reduce("ReduceMax", lambda xp, x, ax, k: x.max(axis=ax, keepdims=k), _ties)
+_reduce("ReduceMin", lambda xp, x, ax, k: x.min(axis=ax, keepdims=k), _ties)
 _reduce("ReduceProd", lambda xp, x, ax, k: x.prod(axis=ax, keepdims=k),
         lambda xp, x, y, ax: y / x)
 _reduce("ReduceSumSquare", lambda xp, x, ax, k: (x * x).sum(axis=ax, keepdims=k),
@@ -816,9 +818,13 @@ def _pad_widths(a: Attributes, s: Static, ndim: int) -> list[tuple[int, int]]:
     return widths
 
 
-def _pad(xp, a, s, x, *rest):
+def _pad_mode(a: Attributes) -> str:
     mode = a.get("mode", "constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    return mode.decode() if isinstance(mode, bytes) else mode
+
+
+def _pad(xp, a, s, x, *rest):
+    mode = _pad_mode(a)
     widths = _pad_widths(a, s, x.ndim)
     if any(lo < 0 or hi < 0 for lo, hi in widths):
         raise ShapeError("Pad with negative pads (cropping) is not supported")
@@ -829,11 +835,17 @@ def _pad(xp, a, s, x, *rest):
 
 
 def _pad_backward(xp, a, s, inputs, y, g):
-    mode = a.get("mode", "constant")
-    if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
-        return (None,)
     widths = _pad_widths(a, s, g.ndim)
-    return (g[tuple(slice(lo, g.shape[i] - hi) for i, (lo, hi) in enumerate(widths))],)
+    if _pad_mode(a) == "constant":
+        return (g[tuple(slice(lo, g.shape[i] - hi) for i, (lo, hi) in enumerate(widths))],)
+    # reflect, edge, wrap copy input elements into the border: padding the input's flat
+    # positions the same way says where each output element came from, and the gradient
+    # adds back there.
+    x = inputs[0]
+    source = _pad(xp, a, s, xp.arange(x.size).reshape(x.shape))
+    grad = xp.zeros(x.size, dtype=g.dtype)
+    xp.scatter_add(grad, source.reshape(-1), g.reshape(-1))
+    return (grad.reshape(x.shape),)
 
 
 FORWARD["Pad"], BACKWARD["Pad"] = _pad, _pad_backward
@@ -1117,4 +1129,5 @@ def _global(f: str) -> Callable:
 FORWARD["GlobalAveragePool"], FORWARD["GlobalMaxPool"] = _global("mean"), _global("max")
 BACKWARD["GlobalAveragePool"] = lambda xp, a, s, inputs, y, g: (
     xp.broadcast_to(g / math.prod(inputs[0].shape[2:]), inputs[0].shape).copy(),)
-BACKWARD["GlobalMaxPool"] = lambda xp, a, s, inputs, y, g: (g * (inputs[0] == y),)
+BACKWARD["GlobalMaxPool"] = lambda xp, a, s, inputs, y, g: (
+    g * _ties(xp, inputs[0], y, tuple(range(2, inputs[0].ndim))),)
