@@ -422,3 +422,34 @@ def test_a_missing_file_and_a_malformed_node_are_graphengine_errors(tmp_path):
                                                 [tensor("y", None)], [w, r]))
     with pytest.raises(ge.GraphEngineError, match="node 'rnn_without_hidden_size' \\(RNN\\)"):
         load(proto)
+
+
+def test_sequence_lens_that_may_be_shorter_than_the_sequence_are_refused():
+    """ONNX's RNN with sequence_lens [3, 3] over a time axis of open length: graphengine's rnn
+    would read all the steps, so the import refuses it instead of answering differently."""
+    w = init("W", rng.standard_normal((1, 4, 3)).astype("float32"))
+    r = init("R", rng.standard_normal((1, 4, 4)).astype("float32"))
+    lengths = init("seq", np.array([3, 3], np.int32))
+    rnn = helper.make_node("RNN", ["x", "W", "R", "", "seq"], ["", "yh"], hidden_size=4)
+    proto = helper.make_model(helper.make_graph([rnn], "g", [tensor("x", ["T", 2, 3])],
+                                                [tensor("yh", [1, 2, 4])], [w, r, lengths]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ge.GraphEngineError, match="sequence_lens that may be shorter"):
+        load(proto)
+
+
+@pytest.mark.parametrize("shape,refused", [((2, 3, 4), True), ((2, 5), False)])
+def test_softmax_of_an_opset_before_13_is_refused_where_it_meant_something_else(shape, refused):
+    """Opset 11's Softmax normalizes over the axes from 1 on, flattened: on a 3-D input that is
+    not graphengine's softmax (refused, naming the opset); on a 2-D input it is (imported)."""
+    proto = helper.make_model(helper.make_graph([helper.make_node("Softmax", ["x"], ["y"])], "g",
+                                                [tensor("x", list(shape))], [tensor("y", list(shape))]),
+                              opset_imports=[helper.make_opsetid("", 11)])
+    proto.ir_version = 7
+    if refused:
+        with pytest.raises(ge.GraphEngineError, match="opset 11 normalizes over the axes from 1 on"):
+            load(proto)
+    else:
+        x = rng.standard_normal(shape).astype("float32")
+        out = load(proto).predict({"x": x})
+        np.testing.assert_allclose(out, onnxruntime(proto, {"x": x})[0], rtol=1e-5, atol=1e-6)

@@ -70,6 +70,8 @@ class Importer:
         self.onnx = require_onnx()
         ensure_registered()
         self.proto = proto
+        #: The standard operator set the model was written with: some operators changed meaning.
+        self.opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=1)
         graph = proto.graph
         self.g = Graph(_clean(graph.name) or "onnx")
         self.tensors: dict[str, Tensor] = {}
@@ -165,6 +167,8 @@ class Importer:
 
     def convert(self, index: int, node: Any) -> None:
         attributes = {a.name: _attribute(self.onnx, a) for a in node.attribute}
+        if node.op_type in ("Softmax", "LogSoftmax", "Hardmax") and self.opset < 13:
+            _flattened_softmax_axis(self, node, attributes)
         if node.op_type == "Constant":
             self.static[node.output[0]] = _constant(self.onnx, node, attributes)
             return
@@ -339,6 +343,17 @@ def _only_consumer(im: Importer, index: int, output: str) -> tuple[int, Any] | N
     return None
 
 
+def _flattened_softmax_axis(im: Importer, node: Any, a: dict[str, Any]) -> None:
+    """Before opset 13, Softmax, LogSoftmax and Hardmax normalize over every axis from ``axis``
+    (default 1) on, as one: the same as today's only where that is the last axis."""
+    ndim = im.tensor(node.input[0]).ndim
+    if a.get("axis", 1) % max(ndim, 1) != ndim - 1:
+        raise GraphEngineError(f"{node.op_type} of opset {im.opset} normalizes over the axes from "
+                               f"{a.get('axis', 1)} on of its {ndim}-D input, flattened together; "
+                               f"graphengine's normalizes over one axis: export the model with "
+                               f"opset 13 or newer")
+
+
 def _activation(im: Importer, index: int, node: Any, a: dict[str, Any]) -> bool:
     kind = ACTIVATIONS.get(node.op_type)
     if node.op_type == "LeakyRelu":
@@ -449,10 +464,11 @@ def _recurrent(im: Importer, index: int, node: Any, a: dict[str, Any]) -> bool:
     inputs = list(node.input) + [""] * (8 - len(node.input))
     w, r, b = im.known(inputs[1]), im.known(inputs[2]), im.known(inputs[3]) if inputs[3] else None
     activations = a.get("activations")
+    steps = im.tensor(inputs[0]).shape[1 if a.get("layout", 0) == 1 else 0]  # None: not known
     unsupported = [why for why, bad in (
         ("its weights are computed, not initializers", w is None or r is None or (inputs[3] and b is None)),
-        ("sequence_lens shorter than the sequence", bool(inputs[4]) and not _is_constant_full(
-            im, inputs[4], im.tensor(inputs[0]).shape[0])),
+        ("sequence_lens that may be shorter than the sequence", bool(inputs[4]) and (
+            steps is None or not _is_constant_full(im, inputs[4], steps))),
         ("peepholes (P)", bool(inputs[7])),
         ("clip", "clip" in a), ("input_forget", bool(a.get("input_forget"))),
         ("non-default activations", activations is not None and [x.capitalize() for x in activations]
