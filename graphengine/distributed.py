@@ -214,7 +214,11 @@ def writes(model: Model) -> bool:
 def attach(model: Model, comm: Communicator) -> Model:
     """Make ``model`` data-parallel over ``comm`` (what ``compile(..., distributed=comm)``
     does; for a model from ``ge.load``, which every rank loads): rank 0's parameters and
-    shuffling state on every rank. Returns the model."""
+    shuffling state on every rank. Returns the model.
+
+    Only rank 0 writes a model file (``save`` returns at once on the others and does not wait,
+    so that ``if comm.is_root: model.save(path)`` cannot deadlock): call ``comm.barrier()``
+    after a save before every rank loads that file."""
     model.distributed = DataParallel(model, comm)
     return model
 
