@@ -121,3 +121,16 @@ def test_history_advice():
 def test_ranges_join_consecutive_layers():
     order = ["fc1", "fc2", "fc3", "fc4", "fc5", "out"]
     assert ranges(["fc3", "fc1", "fc2", "fc5"], order) == "fc1-fc3, fc5"
+
+
+def test_a_snapshot_after_a_hand_written_loop_says_how_many_steps():
+    """A loop of train_step calls advances steps, not epochs: the diagram's title counts those."""
+    model = captured("relu", "he", depth=2)
+    assert diagnose(model).when() == "on one batch, before training"
+    for _ in range(3):
+        model.train_step(batch())
+    find_monitor(model).capture(model, batch())
+    assert diagnose(model).when() == "on one batch after 3 steps"
+    model.epoch = 2
+    find_monitor(model).capture(model, batch())
+    assert diagnose(model).when() == "on one batch after 2 epochs (step 3)"

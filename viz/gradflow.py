@@ -121,6 +121,8 @@ class Diagnosis:
             return f"at step {self.step} (epoch {self.epoch})"
         if self.epoch == 0 and self.step == 0:
             return "on one batch, before training"
+        if self.epoch == 0:  # a hand-written loop counts steps, not epochs
+            return f"on one batch after {self.step} step{'s' if self.step != 1 else ''}"
         return f"on one batch after {self.epoch} epoch{'s' if self.epoch != 1 else ''} (step {self.step})"
 
     def flagged(self, flag: str) -> list[str]:
