@@ -15,7 +15,15 @@ from scipy.special import erf  # a ufunc (NumPy has no erf): CuPy arrays dispatc
 
 import graphengine as ge
 from graphengine.errors import HyperparameterError, ShapeError, require_int
-from graphengine.ir.operators import TensorSpec, log_softmax, require_float, same_dtype, softmax
+from graphengine.ir.operators import (
+    TensorSpec,
+    log_softmax,
+    log_softmax_grad,
+    require_float,
+    same_dtype,
+    softmax,
+    softmax_grad,
+)
 from graphengine.tools.monitor import SATURATED_SLOPE
 
 
@@ -328,7 +336,7 @@ class Softmax(ge.Activation):
         return softmax(xp, x)
 
     def backward(self, xp, x, y, dy):
-        return y * (dy - (dy * y).sum(axis=-1, keepdims=True))
+        return softmax_grad(xp, y, dy)
 
 
 class LogSoftmax(ge.Activation):
@@ -340,7 +348,7 @@ class LogSoftmax(ge.Activation):
         return log_softmax(xp, x)
 
     def backward(self, xp, x, y, dy):
-        return dy - xp.exp(y) * dy.sum(axis=-1, keepdims=True)
+        return log_softmax_grad(xp, y, dy)
 
 
 # --------------------------------------------------------------------------- layers with parameters

@@ -947,6 +947,16 @@ def log_softmax(xp: Any, x: Any, axis: int = -1) -> Any:
     return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
 
 
+def softmax_grad(xp: Any, y: Any, dy: Any, axis: int = -1) -> Any:
+    """The gradient through ``y = softmax(x)`` along ``axis``, from its output."""
+    return y * (dy - (dy * y).sum(axis=axis, keepdims=True))
+
+
+def log_softmax_grad(xp: Any, y: Any, dy: Any, axis: int = -1) -> Any:
+    """The gradient through ``y = log_softmax(x)`` along ``axis``, from its output."""
+    return dy - xp.exp(y) * dy.sum(axis=axis, keepdims=True)
+
+
 class SoftmaxAlong(Operator):
     """Softmax (or log-softmax) along ``axis``, any axis; the activations of the same names
     take the last."""
@@ -972,7 +982,7 @@ class Softmax(SoftmaxAlong):
         return softmax(xp, x, self.resolved_axis)
 
     def backward(self, ctx, xp, inputs, output, grad):
-        return (output * (grad - (grad * output).sum(axis=self.resolved_axis, keepdims=True)),)
+        return (softmax_grad(xp, output, grad, self.resolved_axis),)
 
 
 class LogSoftmax(SoftmaxAlong):
@@ -982,7 +992,7 @@ class LogSoftmax(SoftmaxAlong):
         return log_softmax(xp, x, self.resolved_axis)
 
     def backward(self, ctx, xp, inputs, output, grad):
-        return (grad - xp.exp(output) * grad.sum(axis=self.resolved_axis, keepdims=True),)
+        return (log_softmax_grad(xp, output, grad, self.resolved_axis),)
 
 
 #: Primitive operators by name: what ``Graph.op`` builds, and what a saved graph refers to.

@@ -21,7 +21,15 @@ from typing import Any
 import numpy as np
 
 from ..errors import ShapeError
-from ..ir.operators import Operator, TensorSpec, unbroadcast
+from ..ir.operators import (
+    Operator,
+    TensorSpec,
+    log_softmax,
+    log_softmax_grad,
+    softmax,
+    softmax_grad,
+    unbroadcast,
+)
 
 #: The batch size in a shape vector computed at import time (a Shape of a batch of inputs): a
 #: Reshape reads it as the input's batch size, an Expand as 1 (the input's own batch stays).
@@ -502,22 +510,10 @@ _arg("ArgMin", "argmin")
 
 # --------------------------------------------------------------------------- softmax, normalization
 
-def _softmax(xp, a, s, x):
-    shifted = x - x.max(axis=a.get("axis", -1), keepdims=True)
-    e = xp.exp(shifted)
-    return e / e.sum(axis=a.get("axis", -1), keepdims=True)
-
-
-def _log_softmax(xp, a, s, x):
-    shifted = x - x.max(axis=a.get("axis", -1), keepdims=True)
-    return shifted - xp.log(xp.exp(shifted).sum(axis=a.get("axis", -1), keepdims=True))
-
-
-FORWARD["Softmax"], FORWARD["LogSoftmax"] = _softmax, _log_softmax
-BACKWARD["Softmax"] = lambda xp, a, s, inputs, y, g: (
-    y * (g - (g * y).sum(axis=a.get("axis", -1), keepdims=True)),)
-BACKWARD["LogSoftmax"] = lambda xp, a, s, inputs, y, g: (
-    g - xp.exp(y) * g.sum(axis=a.get("axis", -1), keepdims=True),)
+FORWARD["Softmax"] = lambda xp, a, s, x: softmax(xp, x, a.get("axis", -1))
+FORWARD["LogSoftmax"] = lambda xp, a, s, x: log_softmax(xp, x, a.get("axis", -1))
+BACKWARD["Softmax"] = lambda xp, a, s, inputs, y, g: (softmax_grad(xp, y, g, a.get("axis", -1)),)
+BACKWARD["LogSoftmax"] = lambda xp, a, s, inputs, y, g: (log_softmax_grad(xp, y, g, a.get("axis", -1)),)
 
 
 def _layer_norm_parts(xp, a, x):
