@@ -211,14 +211,10 @@ class BinaryCrossEntropy(_Reduced):
 # --------------------------------------------------------------------------- class labels
 
 class _ClassLabels(_Reduced):
-    """A loss on per-class scores (batch, classes) against integer labels (batch,)."""
+    """A loss on per-class scores against integer labels; each subclass checks the shapes it
+    takes."""
 
     target_kind = "int"
-
-    def check(self, pred, target):
-        if pred.ndim != 2 or target.ndim != 1:
-            raise ShapeError(f"{self.name} takes scores (batch, classes) and integer labels "
-                             f"(batch,), got {pred.shape} and {target.shape}")
 
     def check_labels(self, labels: Any, classes: int) -> None:
         if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= classes):
