@@ -343,11 +343,10 @@ class DataParallel:
         tail = np.array(self.backend.to_numpy(extras))  # a copy: the buffer is scaled next
         present, total, recorders = tail[:count], float(tail[-2]), float(tail[-1])
         averaged = {}
-        position = {name: i for i, name in enumerate(names)}
         for buffer, members in self._buffers:
             buffer /= total
             for name, start, stop in members:
-                if present[position[name]] > 0:
+                if present[self._position[name]] > 0:
                     averaged[name] = self.xp.reshape(buffer[start:stop], model.store.arrays[name].shape)
         if recorders:
             self._reduce_record(model, averaged, total)
@@ -368,6 +367,8 @@ class DataParallel:
             buffer = self.xp.zeros(start + extra, dtype=params[members[0]].dtype)
             self._buffers.append((buffer, layout))
         self._layout = names
+        #: Each parameter's index in ``names``: where its "present" flag travels.
+        self._position = {name: i for i, name in enumerate(names)}
 
     # -- operators that reduce over the ranks (batch_norm(sync=True)) -------------------------
 
