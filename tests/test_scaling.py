@@ -225,3 +225,30 @@ def test_compiling_and_planning_leave_the_garbage_collector_as_they_found_it(ena
         assert gc.isenabled() is enabled
     finally:
         (gc.enable if was else gc.disable)()
+
+
+def test_a_graph_leaves_three_objects_per_node_for_the_garbage_collector():
+    """What a full collection traverses while a large graph is built (it runs several, each over
+    every tracked object): the node, its operator and the record of the builder call. Shapes are
+    shared, readers are found when asked, and a primitive's record holds nothing to traverse."""
+    gc.collect()
+    before = {id(o) for o in gc.get_objects()}
+    g, *_ = exact_chain(500)
+    gc.collect()
+    kept = sum(1 for o in gc.get_objects() if id(o) not in before)
+    assert kept <= 3 * len(g.nodes) + 20
+    specs = {id(node.spec) for node in g.nodes.values()}
+    assert len(specs) == len({node.spec for node in g.nodes.values()})  # one object per spec
+
+
+def test_readers_are_found_after_nodes_come_and_go():
+    g = ge.Graph("readers")
+    x = g.input("x", (None, 2))
+    a = x * 2.0
+    assert g.consumers(x.name) == [a.name]
+    b = x + a  # asked before: the answer must include what came after
+    assert g.consumers(x.name) == [a.name, b.name] and g.consumers(a.name) == [b.name]
+    with pytest.raises(ge.GraphEngineError), g.atomic():
+        x.exp()
+        x.reshape(None, 3)  # fails: the exp goes with it
+    assert g.consumers(x.name) == [a.name, b.name]

@@ -73,45 +73,44 @@ def fusible_activation(op: Operator) -> bool:
     return isinstance(op, ActivationOp) and not op.retain_inputs
 
 
-def fuse_dense(graph, steps: list, keep: set[str], make_step) -> list:
-    """``steps`` with every fusible chain replaced by one step, made by ``make_step(last node,
-    op, input nodes)``; nodes in ``keep`` (targets) are never hidden inside a chain."""
-    nodes = graph.nodes
-    producer = {step.name: i for i, step in enumerate(steps)}
-    readers: dict[str, list[Any]] = {}
+def fuse_dense(steps: list, specs: list, keep: set[int]) -> list:
+    """``steps`` with every fusible chain replaced by one step (a copy of the chain's last step
+    with the fused operator and the chain's inputs); the slots in ``keep`` (targets) are never
+    hidden inside a chain. ``specs`` are the slots' tensor specs."""
+    producer = {step.out: i for i, step in enumerate(steps)}
+    readers: dict[int, list[Any]] = {}
     for step in steps:
-        for name in nodes[step.name].inputs:
-            readers.setdefault(name, []).append(step)
+        for slot in dict.fromkeys(step.args):
+            readers.setdefault(slot, []).append(step)
 
-    def sole_reader(name: str) -> Any:
-        """The step that alone reads ``name``'s value, if ``name`` may vanish into a chain."""
-        found = readers.get(name, ())
-        return found[0] if len(found) == 1 and name not in keep else None
+    def sole_reader(slot: int) -> Any:
+        """The step that alone reads ``slot``'s value, if that value may vanish into a chain."""
+        found = readers.get(slot, ())
+        return found[0] if len(found) == 1 and slot not in keep else None
 
     fused: dict[int, Any] = {}
     swallowed: set[int] = set()
     for i, step in enumerate(steps):
         if not isinstance(step.op, MatMul) or i in swallowed:
             continue
-        x, w = nodes[step.name].inputs
-        z = nodes[step.name].spec
-        if nodes[x].spec.ndim != 2 or nodes[w].spec.ndim != 2:
+        x, w = step.args
+        z = specs[step.out]
+        if specs[x].ndim != 2 or specs[w].ndim != 2:
             continue
-        add = sole_reader(step.name)
+        add = sole_reader(step.out)
         if add is None or not isinstance(add.op, Add):
             continue
-        a, c = nodes[add.name].inputs
-        bias = c if a == step.name else a
-        if a == c or nodes[bias].spec.shape != z.shape[-1:] or nodes[bias].spec.dtype != z.dtype:
+        a, c = add.args
+        bias = c if a == step.out else a
+        if a == c or specs[bias].shape != z.shape[-1:] or specs[bias].dtype != z.dtype:
             continue
         last, activation = add, None
-        after = sole_reader(add.name)
+        after = sole_reader(add.out)
         if after is not None and fusible_activation(after.op):
             last, activation = after, after.op
-        chain = tuple(s.name for s in (step, add) + ((last,) if activation else ()))
-        op = FusedDense(chain, activation)
-        position = producer[last.name]
-        fused[position] = make_step(last.name, op, (x, w, bias))
-        swallowed |= {producer[n] for n in chain}
+        chain = (step, add, last) if activation else (step, add)
+        op = FusedDense(tuple(s.name for s in chain), activation)
+        fused[producer[last.out]] = replace(last, op=op, args=(x, w, bias))
+        swallowed |= {producer[s.out] for s in chain}
     return [fused.get(i, step) for i, step in enumerate(steps)
             if i in fused or i not in swallowed]

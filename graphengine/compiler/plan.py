@@ -23,7 +23,7 @@ from ..errors import CompileError
 from ..ir.operators import Constant, Input, Operator, Parameter, TensorSpec
 
 
-@dataclass
+@dataclass(slots=True)
 class Step:
     """One operator application: ``slots[out] = op.forward(xp, *slots[args])``."""
 
@@ -35,7 +35,7 @@ class Step:
     release: tuple[int, ...] = ()
 
 
-@dataclass
+@dataclass(slots=True)
 class BackwardStep:
     step: Step
     #: The forward step (index into ``Plan.steps``) whose context this backward reads.
@@ -162,29 +162,49 @@ def _build_plan(graph, targets: tuple[str, ...], loss: str | None, wrt: tuple[st
     order = [name for name in graph.nodes if name in needed]
     slots = {name: i for i, name in enumerate(order)}
     nodes = graph.nodes
-
-    def make_step(name: str, op: Operator, inputs: Iterable[str]) -> Step:
-        return Step(name, op, slots[name], tuple(slots[i] for i in inputs))
-
-    steps = [make_step(n, nodes[n].op, nodes[n].inputs) for n in order if not graph.is_source(n)]
-
-    # The same for the plan and its fused variant: computed once.
-    specs = [nodes[n].spec for n in order]
-    feeds = tuple(n for n in order if isinstance(nodes[n].op, Input))
-    parameters = tuple(n for n in order if isinstance(nodes[n].op, Parameter))
-    constants = tuple(n for n in order if isinstance(nodes[n].op, Constant))
+    # One pass over the nodes; the same for the plan and its fused variant.
+    steps: list[Step] = []
+    specs: list[TensorSpec] = []
+    feeds: list[str] = []
+    parameters: list[str] = []
+    constants: list[str] = []
+    for name in order:
+        node = nodes[name]
+        op = node.op
+        specs.append(node.spec)
+        if isinstance(op, Input):
+            feeds.append(name)
+        elif isinstance(op, Parameter):
+            parameters.append(name)
+        elif isinstance(op, Constant):
+            constants.append(name)
+        else:
+            steps.append(Step(name, op, slots[name], tuple(slots[i] for i in node.inputs)))
+    flows = None
+    if loss is not None:
+        check_loss(graph, loss)
+        trained = {slots[n] for n in parameters if nodes[n].op.trainable and n not in frozen}
+        trained |= {slots[n] for n in wrt if n in slots}
+        float_inputs = {slots[n] for n in feeds if nodes[n].dtype.startswith("float")}
+        flows = _gradient_flows(steps, len(order), slots[loss], trained, float_inputs)
+        if not flows.reached[slots[loss]]:
+            raise CompileError(
+                f"no trainable parameter (or input asked for) influences the loss {loss!r}: "
+                f"nothing to differentiate; put a layer with parameters on the path to the loss, "
+                f"unfreeze one, or compile with outputs=[...] and no loss to only run the graph")
 
     def schedule(steps: list[Step]) -> Plan:
-        plan = Plan(targets=targets, slots=slots, specs=list(specs), feeds=feeds,
-                    parameters=parameters, constants=constants, steps=steps, loss=loss)
-        if loss is not None:
-            _plan_backward(graph, plan, loss, set(wrt), set(frozen))
+        plan = Plan(targets=targets, slots=slots, specs=list(specs), feeds=tuple(feeds),
+                    parameters=tuple(parameters), constants=tuple(constants), steps=steps,
+                    loss=loss)
+        if flows is not None:
+            _plan_backward(plan, flows)
         _plan_releases(plan, {slots[n] for n in (*targets, *keep) if n in slots})
         return plan
 
     plan = schedule(steps)
     if fuse:
-        fused = fuse_dense(graph, steps, {*targets, *keep}, make_step)
+        fused = fuse_dense(steps, specs, {slots[n] for n in (*targets, *keep) if n in slots})
         if len(fused) < len(steps):
             plan.fast = schedule([replace(s) for s in fused])  # copies: releases differ
     return plan
@@ -204,87 +224,91 @@ def ancestors(graph, targets: Iterable[str]) -> set[str]:
     return found
 
 
-def _plan_backward(graph, plan: Plan, loss: str, wrt: set[str], frozen: set[str]) -> None:
-    nodes = graph.nodes
-    check_loss(graph, loss)
-    trainable = {n for n in plan.parameters if nodes[n].op.trainable and n not in frozen}
-    flows = _gradient_flow(graph, plan, loss, trainable | (wrt & set(plan.slots)))
-    if loss not in flows:
-        raise CompileError(f"no trainable parameter (or input asked for) influences the loss "
-                           f"{loss!r}: nothing to differentiate; put a layer with parameters on "
-                           f"the path to the loss, unfreeze one, or compile with outputs=[...] "
-                           f"and no loss to only run the graph")
-    plan.backward = _backward_steps(plan, flows)
+@dataclass(slots=True)
+class _Flows:
+    """Where gradients flow, per slot of the unfused plan (fused steps read the same slots)."""
+
+    #: Slots a gradient reaches from the trainable parameters and the inputs of ``wrt``.
+    reached: list[bool]
+    #: Slots a gradient would reach besides, from every float input (see ``_plan_backward``).
+    inputs_only: list[bool]
+
+
+def _gradient_flows(steps: list[Step], size: int, loss: int, trained: set[int],
+                    inputs: set[int]) -> _Flows:
+    """The slots a gradient reaches: downstream of a source, upstream of the loss. Over slot
+    numbers in lists, two sweeps of the steps in order: no lookup by node name."""
+    upstream = [False] * size
+    upstream[loss] = True
+    for step in reversed(steps):
+        if upstream[step.out]:
+            for a in step.args:
+                upstream[a] = True
+
+    def downstream(sources: set[int]) -> list[bool]:
+        reached = [False] * size
+        for s in sources:
+            reached[s] = upstream[s]
+        for step in steps:
+            if upstream[step.out]:
+                skip = step.op.nondifferentiable_inputs
+                reached[step.out] = any(reached[a] for k, a in enumerate(step.args) if k not in skip)
+        return reached
+
+    reached = downstream(trained)
+    with_inputs = downstream(trained | inputs)
+    return _Flows(reached, [w and not r for w, r in zip(with_inputs, reached)])
+
+
+def _plan_backward(plan: Plan, flows: _Flows) -> None:
+    plan.backward = _backward_steps(plan, flows.reached)
     # The forward also keeps what a backward to the float inputs would read, so that
     # ``backward(wrt=[input])`` after a plain ``forward()`` finds it: beyond the parameters'
     # paths that is only what lies between an input and its first parameter (preprocessing).
     # What those steps keep does not depend on where gradients flow, so only the steps outside
-    # ``flows`` need planning again.
-    inputs = {n for n in plan.feeds if nodes[n].dtype.startswith("float")}
-    extra = _gradient_flow(graph, plan, loss, trainable | inputs) - flows
-    with_inputs = _backward_steps(plan, extra) if extra else []
+    # ``flows.reached`` need planning again.
+    with_inputs = _backward_steps(plan, flows.inputs_only) if any(flows.inputs_only) else []
     plan.retained = frozenset(s for bstep in (*plan.backward, *with_inputs)
                               for s in (*bstep.kept_args, bstep.kept_out) if s >= 0)
     # A retained value is released after the last backward step that reads it (the earliest
     # in forward order), unless it is a source (inputs and parameters outlive the step).
     slots = plan.slots
-    sources_slots = {slots[n] for n in (*plan.feeds, *plan.parameters, *plan.constants)}
-    seen: set[int] = set(sources_slots)
+    seen: set[int] = {slots[n] for n in (*plan.feeds, *plan.parameters, *plan.constants)}
     for bstep in reversed(plan.backward):
         reads = {s for s in (*bstep.kept_args, bstep.kept_out) if s >= 0} - seen
         seen |= reads
         bstep.release = tuple(sorted(reads))
 
 
-def _gradient_flow(graph, plan: Plan, loss: str, sources: set[str]) -> set[str]:
-    """The nodes a gradient reaches: downstream of a source, upstream of the loss."""
-    nodes = graph.nodes
-    flows: set[str] = set(sources)
-    for name in plan.slots:
-        node = nodes[name]
-        if not graph.is_source(name):
-            differentiable = [i for k, i in enumerate(node.inputs)
-                              if k not in node.op.nondifferentiable_inputs]
-            if any(i in flows for i in differentiable):
-                flows.add(name)
-    # The loss and what it reads, in one sweep back over the plan (a topological order).
-    upstream = {loss}
-    for name in reversed(plan.slots):
-        if name in upstream:
-            upstream.update(nodes[name].inputs)
-    return flows & upstream
-
-
-def _backward_steps(plan: Plan, flows: set[str]) -> list[BackwardStep]:
+def _backward_steps(plan: Plan, flows: list[bool]) -> list[BackwardStep]:
     """The backward of every step that ``flows`` reaches, in reverse order; each refers to its
     forward step by index, whose context on the tape it reads."""
-    slots, names = plan.slots, plan.names
     backward = []
     for index in range(len(plan.steps) - 1, -1, -1):
         step = plan.steps[index]
-        if step.name not in flows:
+        if not flows[step.out]:
             continue
-        for part in backward_parts(step, slots):
+        for part in backward_parts(step, plan.slots):
             op = part.op
             kept_args = tuple(a if k in op.retain_inputs else -1 for k, a in enumerate(part.args))
             kept_out = part.out if op.retain_output else -1
-            grad_to = tuple(a if names[a] in flows and k not in op.nondifferentiable_inputs else -1
+            grad_to = tuple(a if flows[a] and k not in op.nondifferentiable_inputs else -1
                             for k, a in enumerate(part.args))
             backward.append(BackwardStep(part, index, kept_args, kept_out, grad_to))
     return backward
 
 
 def _plan_releases(plan: Plan, keep: set[int]) -> None:
-    last_read: dict[int, int] = {}
+    last_read = [-1] * len(plan.specs)
     for k, step in enumerate(plan.steps):
         for a in step.args:
             last_read[a] = k
-    releases: dict[int, list[int]] = {}
+    releases: list[list[int]] = [[] for _ in plan.steps]
     for k, step in enumerate(plan.steps):  # each slot is the output of one step
         slot = step.out
         if slot in keep or slot in plan.retained:
             continue
         # A value nobody reads is released right after it is made.
-        releases.setdefault(last_read.get(slot, k), []).append(slot)
-    for k, step in enumerate(plan.steps):
-        step.release = tuple(sorted(releases.get(k, ())))
+        releases[k if last_read[slot] < 0 else last_read[slot]].append(slot)
+    for step, released in zip(plan.steps, releases):
+        step.release = tuple(sorted(released))

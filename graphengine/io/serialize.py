@@ -99,6 +99,8 @@ def _describe_graph(graph: Graph, tensors: dict[str, np.ndarray]) -> dict[str, A
     for i, call in enumerate(graph.calls):
         if call["call"] == "constant":
             call = {**call, "value": _put(tensors, f"constant:{i}", call["value"])}
+        elif "inputs" in call:  # node names: a list in the file, whatever holds them in memory
+            call = {**call, "inputs": list(call["inputs"])}
         calls.append(_mark_tuples(call))
     return {"name": graph.name, "calls": calls, "nodes": list(graph.nodes)}
 

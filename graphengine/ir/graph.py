@@ -225,11 +225,18 @@ class Graph:
         #: The graph: each node names its inputs. Builder calls only take existing tensors, so
         #: the order nodes are added in is a topological order, and no cycle can arise.
         self.nodes: dict[str, Node] = {}
-        #: Node -> the nodes that read it, in the order they were added (one list per node that
-        #: has readers: a networkx DiGraph kept beside ``nodes`` cost 2-3 dicts per node, and
-        #: building a graph of 32k nodes 25-30% more time, most of it garbage collection).
-        self._consumers: dict[str, list[str]] = {}
+        #: Node -> the nodes that read it, in the order they were added: built when first asked
+        #: for (drawing, an error message), dropped when a node is added or removed. Kept up to
+        #: date on every added node, it cost a list per node; a networkx DiGraph kept beside
+        #: ``nodes`` cost 2-3 dicts per node and building a graph of 32k nodes 25-30% more time,
+        #: most of it garbage collection, which traverses every container a graph keeps.
+        self._readers: dict[str, list[str]] | None = None
+        #: Each distinct TensorSpec of the graph once (most nodes share a few), for the same
+        #: reason: the garbage collector's traversals cost per object kept.
+        self._specs: dict[TensorSpec, TensorSpec] = {}
         #: The top-level builder calls, in order: replaying them rebuilds the graph (saving).
+        #: Their inputs are tuples of names, so that once a full collection has found nothing
+        #: in a call to traverse (primitives' calls hold only strings) it stops tracking it.
         self.calls: list[dict[str, Any]] = []
         self._scopes: list[str] = []
         self._depth = 0
@@ -327,11 +334,7 @@ class Graph:
                     self._scope_nodes[scope] = left
                 else:
                     del self._scope_nodes[scope]
-            for source in dict.fromkeys(node.inputs):
-                readers = self._consumers[source]
-                readers.pop()  # the last reader added: nodes go from the end
-                if not readers:
-                    del self._consumers[source]
+        self._readers = None
 
     # -- adding nodes ----------------------------------------------------------------------
 
@@ -380,14 +383,14 @@ class Graph:
             what = (f"would be empty, of shape {spec.shape}: check its slice or sizes"
                     if isinstance(spec, TensorSpec) else f"infer() returned {spec!r}, not a TensorSpec")
             raise ShapeError(f"node {name!r} ({op.kind}) {what} [inputs: {shapes}]")
+        spec = self._specs.setdefault(spec, spec)
         node = Node(name, op, tuple(t.name for t in inputs), spec,
                     layer="/".join(self._scopes) or None, origin=self._origin)
         self.nodes[name] = node
         self._op_owners[id(op)] = name
         for scope in _scopes_of(name):
             self._scope_nodes[scope] = self._scope_nodes.get(scope, 0) + 1
-        for source in dict.fromkeys(node.inputs):
-            self._consumers.setdefault(source, []).append(name)
+        self._readers = None
         return Tensor(self, name)
 
     def input(self, name: str, shape: Sequence[int | None], dtype: str = "float32") -> Tensor:
@@ -452,7 +455,7 @@ class Graph:
                                    f"{', '.join(sorted(PRIMITIVES))}; layers and activations are "
                                    f"built with g.layer(...) and g.activation(...)")
         self._check_inputs(f"operator {kind!r}", inputs)
-        call = {"call": "op", "kind": kind, "inputs": [t.name for t in inputs], "name": name,
+        call = {"call": "op", "kind": kind, "inputs": tuple(t.name for t in inputs), "name": name,
                 "config": config}
         try:
             op = PRIMITIVES[kind](**config)
@@ -472,7 +475,7 @@ class Graph:
         self._check_inputs(f"layer {kind!r}", inputs)
         layer = _construct(entry, "layer", kind, config)
         scope = self._layer_scope(name, kind)
-        call = {"call": "layer", "kind": kind, "inputs": [t.name for t in inputs], "name": scope,
+        call = {"call": "layer", "kind": kind, "inputs": tuple(t.name for t in inputs), "name": scope,
                 "config": config}
         with self._recording(call), self.name_scope(scope):
             try:
@@ -520,7 +523,7 @@ class Graph:
         if name is not None and not isinstance(name, str):  # an option, given by position
             _positional_options(entry, "activation", kind, [name], config)
         activation = _construct(entry, "activation", kind, config)
-        call = {"call": "activation", "kind": kind, "inputs": [x.name], "name": name,
+        call = {"call": "activation", "kind": kind, "inputs": (x.name,), "name": name,
                 "config": config}
         with self._recording(call):
             return self._add(ActivationOp(kind, activation), [x], self._full_name(name, kind))
@@ -542,7 +545,7 @@ class Graph:
                 f"which shrinks the gradients and slows training. Feed the loss the input of "
                 f"{pred.name!r} (the logits); model.predict still returns probabilities",
                 GraphBuildWarning, stacklevel=2)
-        call = {"call": "loss", "kind": kind, "inputs": [pred.name, target.name], "name": name,
+        call = {"call": "loss", "kind": kind, "inputs": (pred.name, target.name), "name": name,
                 "config": config}
         with self._recording(call):
             return self._add(LossOp(kind, loss), [pred, target], self._full_name(name, kind))
@@ -557,7 +560,13 @@ class Graph:
 
     def consumers(self, name: str) -> list[str]:
         """The nodes that read node ``name``, in the order they were added."""
-        return list(self._consumers.get(name, ()))
+        if self._readers is None:
+            readers: dict[str, list[str]] = {}
+            for reader, node in self.nodes.items():
+                for source in dict.fromkeys(node.inputs):
+                    readers.setdefault(source, []).append(reader)
+            self._readers = readers
+        return list(self._readers.get(name, ()))
 
     @property
     def dag(self) -> nx.DiGraph:
