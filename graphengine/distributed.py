@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import DataError, GraphEngineError
+from .runtime.feeds import batch_rows
 from .tools.monitor import FIELDS, find_monitor
 
 #: How long a failing rank waits, after writing its traceback, before it aborts the job.
@@ -182,17 +183,6 @@ def _abort_on_exception(previous: Any, comm: Communicator) -> Any:
     return hook
 
 
-def _rows(feeds: Mapping[str, Any]) -> int:
-    """The rows of a batch: the first dimension of its arrays."""
-    for value in feeds.values():
-        shape = getattr(value, "shape", None)
-        if shape:
-            return int(shape[0])
-        if isinstance(value, (list, tuple)):
-            return len(value)
-    return 1
-
-
 _ACTIVE: ContextVar[DataParallel | None] = ContextVar("graphengine_data_parallel", default=None)
 
 
@@ -282,7 +272,8 @@ class DataParallel:
     @contextlib.contextmanager
     def step(self, feeds: Mapping[str, Any]) -> Iterator[None]:
         """A training forward on this rank's share ``feeds``; its rows weigh its gradients."""
-        self.weight = _rows(feeds)
+        rows = batch_rows(feeds)
+        self.weight = 1 if rows is None else rows
         with self.collective():
             yield
 

@@ -17,6 +17,19 @@ if TYPE_CHECKING:
 Feeds = Mapping[str, Any]
 
 
+def rows(value: Any) -> int | None:
+    """The length of a value's first (batch) dimension, or None for a scalar."""
+    shape = getattr(value, "shape", None)
+    if shape is not None:
+        return int(shape[0]) if len(shape) else None
+    return len(value) if hasattr(value, "__len__") and not isinstance(value, (str, bytes)) else None
+
+
+def batch_rows(feeds: Feeds) -> int | None:
+    """The rows of a batch: the first dimension of its first value that has one."""
+    return next((n for n in map(rows, feeds.values()) if n is not None), None)
+
+
 def fits(shape: tuple, spec_shape: tuple) -> bool:
     """Whether an array's ``shape`` is one that ``spec_shape`` (None: any size) allows."""
     return len(shape) == len(spec_shape) and all(d is None or d == s for d, s in zip(spec_shape, shape))

@@ -24,6 +24,7 @@ from ..errors import (
 )
 from ..hooks import get_plugin_manager
 from ..ir.contracts import LossOp
+from ..runtime.feeds import batch_rows, rows
 from ..tools.monitor import GradientMonitor, find_monitor
 from .metrics import Meter, Metric, get_metrics
 from .regularization import Schedule
@@ -257,7 +258,7 @@ class Checkpoint(Callback):
 def dataset_length(data: Mapping[str, Any]) -> int:
     if not isinstance(data, Mapping) or not data:
         raise DataError("the dataset must be a non-empty dict of input name -> array")
-    lengths = {name: _rows(array) for name, array in data.items()}
+    lengths = {name: rows(array) for name, array in data.items()}
     scalars = [name for name, rows in lengths.items() if rows is None]
     if scalars:
         raise DataError(f"dataset entries {scalars} are not arrays with a first (batch) dimension: "
@@ -269,14 +270,6 @@ def dataset_length(data: Mapping[str, Any]) -> int:
     if n <= 0:
         raise DataError(f"the dataset is empty ({lengths}): pass at least one example")
     return n
-
-
-def _rows(array: Any) -> int | None:
-    """The length of the first dimension, or None for a scalar."""
-    shape = getattr(array, "shape", None)
-    if shape is not None:
-        return shape[0] if len(shape) else None
-    return len(array) if hasattr(array, "__len__") and not isinstance(array, (str, bytes)) else None
 
 
 def batches(data: Mapping[str, Any], n: int, batch_size: int, order: np.ndarray | None,
@@ -642,7 +635,7 @@ def evaluate(model: Model, data: Data, batch_size: int | None = None, *,
     meter = Meter(chosen, model.backend)
     observers = model.active_observers(inference=True)
     for batch in parts:
-        size = _rows(next(iter(batch.values()))) if model.distributed else dataset_length(batch)
+        size = batch_rows(batch) if model.distributed else dataset_length(batch)
         if not size:  # a distributed rank's empty part of a batch
             continue
         tape = model.executor.forward(plan, batch, training=False, rng=model.rng, observers=observers)
