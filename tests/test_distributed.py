@@ -149,6 +149,49 @@ def test_distributed_takes_a_communicator():
         g.compile(loss, optimizer="sgd", distributed="world")
 
 
+
+class IdenticalRanks(Communicator):
+    """``size`` ranks that all hold this rank's numbers: a sum over them is ``size`` times it,
+    a broadcast changes nothing. What the averaging does with the sum, in one process."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def allreduce(self, array, backend, op="sum"):
+        if op == "sum":
+            array *= self.size
+
+    def allgather(self, host):
+        return np.stack([host] * self.size)
+
+    def broadcast(self, host, root=0):
+        pass
+
+    def broadcast_object(self, value, root=0):
+        return value
+
+
+def test_float16_gradients_are_averaged_without_overflowing_and_keep_their_dtype():
+    """The rows-weighted sum over 4 ranks of a float16 gradient of ~300 on 64 rows is ~76,800,
+    past float16's largest number (65,504): it travels in float32, and the average of identical
+    ranks comes back as the one process's gradient, in float16. The row count (256) travels
+    with it, exact either way."""
+    g = ge.Graph("half")
+    x = g.input("x", shape=(None, 2), dtype="float16")
+    w = g.parameter("w", (2,), init="ones", dtype="float16")
+    loss = (x * w).sum()
+    feeds = {"x": np.full((64, 2), 300 / 64, np.float16)}
+    grads = []
+    for comm in (None, IdenticalRanks(4)):
+        model = g.compile(loss, outputs=[loss], optimizer="sgd", distributed=comm)
+        model.forward(feeds)
+        model.backward()
+        grads.append(model.gradients()["w"])
+    assert grads[1].dtype == np.float16 and np.isfinite(grads[1]).all()
+    np.testing.assert_array_equal(grads[1], grads[0])
+    np.testing.assert_allclose(grads[0], [300, 300], rtol=1e-2)
+
 # -- jobs of two ranks --------------------------------------------------------------------------
 
 @needs_mpi
