@@ -102,6 +102,23 @@ def test_a_cnn_becomes_conv2d_and_batch_norm_layers_that_predict_like_onnxruntim
     assert "bn/running_mean" not in trainable and "bn/gamma" in trainable
 
 
+
+def test_grouped_dilated_and_depthwise_convolutions_become_conv2d_layers():
+    nodes = [helper.make_node("Conv", ["x", "grouped.weight", "grouped.bias"], ["c"], group=2,
+                              dilations=[2, 1], pads=[2, 1, 1, 0], strides=[1, 2]),
+             helper.make_node("Conv", ["c", "depthwise.weight"], ["y"], group=6,
+                              kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
+    inits = [init("grouped.weight", weights(6, 2, 3, 2)), init("grouped.bias", weights(6)),
+             init("depthwise.weight", weights(6, 1, 3, 3))]
+    proto = model_of(nodes, [tensor("x", ["N", 4, 9, 8])], [tensor("y", ["N", 6, 8, 4])], inits)
+    model = load(proto)
+    assert layer_kinds(model) == ["conv2d", "conv2d"]
+    ops = [node.op for node in model.graph.nodes.values() if node.kind == "conv2d"]
+    assert [(op.groups, op.dilation) for op in ops] == [(2, (2, 1)), (6, (1, 1))]
+    x = rng.standard_normal((3, 4, 9, 8)).astype("float32")
+    np.testing.assert_allclose(model.predict({"x": x}), onnxruntime(proto, {"x": x})[0],
+                               rtol=1e-5, atol=1e-5)
+
 def test_shape_computations_on_known_values_are_folded():
     """Shape -> Gather -> Concat -> Reshape, as exporters write a flatten, needs no nodes."""
     nodes = [helper.make_node("Shape", ["x"], ["s"]),

@@ -1,7 +1,8 @@
 """Import an ONNX inference graph as a graphengine graph and model.
 
 Nodes become what graphengine itself would build where it can: Gemm, and MatMul followed by
-Add, with weights among the initializers become ``dense`` layers; Conv becomes ``conv2d``,
+Add, with weights among the initializers become ``dense`` layers; Conv becomes ``conv2d`` (grouped
+and dilated ones too),
 BatchNormalization ``batch_norm``, Gather of a table ``embedding``, RNN/LSTM/GRU the recurrent
 layers, Relu and friends the registered activations, elementwise arithmetic the primitives.
 Pooling stays an ONNX operator, with ONNX's own rules for ceil mode, dilations and padding.
@@ -392,9 +393,8 @@ def _conv(im: Importer, index: int, node: Any, a: dict[str, Any]) -> bool:
     w = im.known(node.input[1])
     b = im.known(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     tensor = im.tensors.get(node.input[0])
-    plain = (a.get("group", 1) == 1 and set(a.get("dilations", [1, 1])) == {1}
-             and a.get("auto_pad", "NOTSET") in ("NOTSET", "VALID"))
-    if (w is None or w.ndim != 4 or tensor is None or tensor.ndim != 4 or not plain
+    if (w is None or w.ndim != 4 or tensor is None or tensor.ndim != 4
+            or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
             or (len(node.input) > 2 and node.input[2] and b is None) or "conv2d" not in
             get_plugin_manager().layers):
         return False
@@ -403,6 +403,7 @@ def _conv(im: Importer, index: int, node: Any, a: dict[str, Any]) -> bool:
     im.tensors[node.output[0]] = im.g.layer(
         "conv2d", tensor, filters=w.shape[0], kernel_size=tuple(w.shape[2:]),
         stride=tuple(a.get("strides", [1, 1])), padding=((top, bottom), (left, right)),
+        dilation=tuple(a.get("dilations", [1, 1])), groups=a.get("group", 1),
         bias=b is not None, name=name)
     im.add_parameter(name, "W", w)
     if b is not None:
