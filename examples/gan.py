@@ -248,11 +248,9 @@ def save_gradient_flow(gan: GAN, path: str) -> None:
     from graphengine.viz.render import GraphvizMissingError
     batch = {"z": gan.noise(256), "y": np.ones((256, 1), np.float32)}
     try:
-        # one node per layer: the generator's, then the frozen discriminator's
-        layers = sorted({node.layer for node in gan.generator.graph.nodes.values()
-                         if node.layer and "/" in node.layer})  # not the scopes "gen" and "disc"
+        # one node per layer, in the boxes "gen" and then the frozen "disc"
         for suffix in (".svg", ".png"):
-            render(gan.generator, path + suffix, data=batch, collapse=layers, rankdir="LR")
+            render(gan.generator, path + suffix, data=batch, collapse=True, rankdir="LR")
         print(f"wrote {path}.svg and .png")
     except GraphvizMissingError as exc:
         print(exc, file=sys.stderr)

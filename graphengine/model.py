@@ -423,17 +423,19 @@ class Model:
 
 
 def summary_table(model: Model) -> str:
-    """The table of :meth:`Model.summary`. A row per top-level builder call: a layer (its
-    nodes together, named by its scope) or a single node; constants are left out."""
+    """The table of :meth:`Model.summary`. A row per group of nodes (``Graph.groups``: a layer,
+    named by its full scope, or a top-level name scope written by hand) or per node outside
+    one; constants are left out."""
     graph, store = model.graph, model.store
-    kinds = {c["name"]: c["kind"] for c in graph.calls if c["call"] == "layer"}
+    layers, groups = graph.layers(), graph.groups()
     rows: dict[str, dict[str, Any]] = {}
     totals = {"trainable": 0, "frozen": 0, "fixed": 0}
     for name, node in graph.nodes.items():
         if name not in model.compiled_nodes or node.kind == "constant":
             continue
-        key = node.layer.split("/", 1)[0] if node.layer else name
-        row = rows.setdefault(key, {"kind": kinds.get(key, node.kind), "count": 0, "states": set()})
+        key = groups.get(name, name)
+        kind = layers[key]["kind"] if key in layers else node.kind
+        row = rows.setdefault(key, {"kind": kind, "count": 0, "states": set()})
         row["shape"] = node.shape  # a layer's output is the last node it added
         if isinstance(node.op, Parameter):
             size = int(np.prod(node.shape))

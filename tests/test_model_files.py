@@ -4,6 +4,7 @@ found nearby (NaN settings, NaN data, None gradients, interrupted plugin loading
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -68,6 +69,9 @@ graphs = st.fixed_dictionaries({
     "features": st.integers(1, 5),
     "seed": st.integers(0, 2**31 - 1),
     "training_state": st.booleans(),
+    # the name scopes each layer, its activation and a scaling of it are built in
+    "scopes": st.lists(st.lists(st.sampled_from(["enc", "block", "x"]), max_size=2), min_size=3,
+                       max_size=3),
 })
 
 
@@ -77,8 +81,12 @@ def test_generated_graphs_round_trip_and_predict_identically(tmp_path, spec):
     g = ge.Graph(spec["name"])
     x = g.input("x", (None, spec["features"]), dtype=spec["dtype"])
     h = x
-    for i, width in enumerate(spec["widths"]):
-        h = g.activation(spec["activation"], g.layer("dense", h, units=width, name=f"l{i}"))
+    for i, (width, scopes) in enumerate(zip(spec["widths"], spec["scopes"])):
+        with contextlib.ExitStack() as stack:
+            for scope in scopes:
+                stack.enter_context(g.name_scope(scope))
+            h = g.activation(spec["activation"], g.layer("dense", h, units=width, name=f"l{i}"))
+            h = h * 1.5
     y = g.input("y", (None, spec["widths"][-1]), dtype=spec["dtype"])
     model = g.compile(g.loss("mse", h * 2.0, y), outputs=[h], optimizer=ge.optimizer("adam"),
                       seed=spec["seed"])
@@ -90,6 +98,37 @@ def test_generated_graphs_round_trip_and_predict_identically(tmp_path, spec):
     loaded = ge.load(path)
     assert np.array_equal(loaded.predict(feed), model.predict(feed))
     assert list(loaded.graph.nodes) == list(model.graph.nodes)
+    assert [n.layer for n in loaded.graph.nodes.values()] == [n.layer for n in model.graph.nodes.values()]
+
+
+def test_layers_built_in_name_scopes_save_fit_and_show_under_their_full_names(tmp_path):
+    """A model built in name scopes (a GAN's "gen" and "disc") saves and loads; its data-fitted
+    layer is fitted and saved under its full name; summary and the layer list name the layers
+    as their nodes are named."""
+    g = ge.Graph("scoped")
+    x, y = g.input("x", (None, 4)), g.input("y", (None,), dtype="int64")
+    with g.name_scope("gen"):
+        h = g.layer("zscore", x, name="norm")
+        with g.name_scope("body"):
+            h = g.activation("tanh", g.layer("dense", h, units=5, name="fc"))
+    with g.name_scope("disc"):
+        out = g.layer("dense", h * 2.0, units=3, name="fc")
+    model = g.compile(g.loss("softmax_cross_entropy", out, y), optimizer=ge.optimizer("sgd", lr=0.1))
+    assert {s: c["kind"] for s, c in g.layers().items()} == {
+        "gen/norm": "zscore", "gen/body/fc": "dense", "disc/fc": "dense"}
+    model.fit({"x": X * 3 + 1, "y": Y}, batch_size=4, verbose=0)
+    assert model.fitted_layers == {"gen/norm"}
+    np.testing.assert_allclose(model.parameters()["gen/norm/shift"], (X * 3 + 1).mean(axis=0),
+                               rtol=1e-5)
+    rows = [line.split()[:2] for line in model.summary().splitlines()[3:-2]]
+    assert rows == [["x", "input"], ["y", "input"], ["gen/norm", "zscore"], ["gen/body/fc", "dense"],
+                    ["gen/body/tanh", "tanh"], ["disc/mul", "mul"], ["disc/fc", "dense"],
+                    ["softmax_cross_entropy_0", "softmax_cross_entropy"]], rows
+    path = tmp_path / "scoped.gem"
+    model.save(path)
+    loaded = ge.load(path)
+    assert list(loaded.graph.nodes) == list(g.nodes) and loaded.fitted_layers == {"gen/norm"}
+    assert np.array_equal(loaded.predict({"x": X}), model.predict({"x": X}))
 
 
 # --------------------------------------------------------------------------- bounded loading

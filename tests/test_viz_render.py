@@ -194,6 +194,28 @@ def test_collapsed_layers_and_rankdir():
         to_dot(model, collapse=["fc9"])
 
 
+
+def test_collapsing_keeps_name_scopes_as_boxes_around_their_layers():
+    """A GAN's generator graph: the scopes "gen" and "disc" hold layers; collapsed, each layer
+    is one node (its activation joined) inside its scope's box, not the whole discriminator
+    one node. A scope written by hand from primitives is one node, as a layer is."""
+    g = ge.Graph("gan")
+    z, y = g.input("z", (None, 4)), g.input("y", (None, 1))
+    with g.name_scope("gen"):
+        h = g.layer("dense", g.activation("relu", g.layer("dense", z, units=8, name="fc1")),
+                    units=2, name="fc2")
+    with g.name_scope("disc"):
+        d = g.layer("dense", g.activation("leaky_relu", g.layer("dense", h, units=8, name="fc1")),
+                    units=1, name="out")
+    with g.name_scope("by_hand"):
+        q = (z * 2.0).sum(axis=1, keepdims=True)
+    model = g.compile(g.loss("binary_cross_entropy", d + q, y), optimizer="sgd")
+    source = to_dot(model, collapse=True).source
+    nodes = re.findall(r'^\s+L\d+ \[label="([\w/]+): ([\w +]+)\\n', source, re.M)
+    assert sorted(nodes) == [("by_hand", "layer"), ("fc1", "dense + leaky_relu"),
+                             ("fc1", "dense + relu"), ("fc2", "dense"), ("out", "dense")]
+    assert "cluster_gen" in source and "cluster_disc" in source
+
 def test_without_dot_nothing_next_to_the_picture_is_overwritten(tmp_path, monkeypatch):
     model = captured(depth=2)
     (tmp_path / "graph.txt").write_text("my notes")

@@ -333,7 +333,7 @@ def layer_of(model: Model) -> dict[str, str | None]:
 
 def layer_kinds(model: Model) -> dict[str, str]:
     """Layer scope -> the registered layer kind that built it (from the graph's builder calls)."""
-    return {c["name"]: c["kind"] for c in model.graph.calls if c.get("call") == "layer"}
+    return {scope: call["kind"] for scope, call in model.graph.layers().items()}
 
 
 def _layers(model: Model, nodes: dict[str, NodeHealth], t: Thresholds) -> list[LayerHealth]:

@@ -153,10 +153,13 @@ def _params(model: Model, name: str) -> int:
 
 
 def _scopes_to_collapse(model: Model, collapse: bool | Sequence[str]) -> list[str]:
-    """The layer scopes to draw as one node each: all top-level layers for ``True``."""
+    """The layer scopes to draw as one node each. For ``True``: the graph's groups
+    (``Graph.groups``): every layer a builder call made, also inside the user's name scopes,
+    which stay boxes around them (a discriminator's scope is not one node), and each top-level
+    scope written by hand from primitives."""
     layers = {node.layer for node in model.graph.nodes.values() if node.layer}
     if collapse is True:
-        return sorted({layer.split("/")[0] for layer in layers})
+        return sorted(set(model.graph.groups().values()))
     if not collapse:
         return []
     known = {"/".join(layer.split("/")[:depth]) for layer in layers
@@ -185,14 +188,16 @@ def _units(model: Model, diagnosis: Diagnosis | None, collapse: list[str],
         return None
 
     def follows(name: str) -> str | None:
-        """The collapsed unit an activation applied outside any layer joins: the one whose output
-        is its only input and feeds nothing else (``dense`` then ``sigmoid`` reads as one step)."""
+        """The collapsed unit an activation applied outside any collapsed layer joins: the one
+        whose output is its only input and feeds nothing else, in the same scope (``dense`` then
+        ``sigmoid`` reads as one step)."""
         node = graph.nodes[name]
-        if node.layer is not None or len(node.inputs) != 1 or graph.is_source(name):
+        if len(node.inputs) != 1 or graph.is_source(name):
             return None
         (source,) = node.inputs
         uid = owner.get(source)
-        if uid is None or output.get(uid) != source or len(set(graph.consumers(source))) != 1:
+        if (uid is None or output.get(uid) != source or len(set(graph.consumers(source))) != 1
+                or units[uid].cluster != node.layer):
             return None
         return uid
 
@@ -370,10 +375,12 @@ def _draw_clusters(dot: graphviz.Digraph, drawing: _Drawing, scope: str | None) 
             flags = layer.flags if layer else []
             params = sum(u.params for s, us in clusters.items() if s and (s == child or _inside(s, child))
                          for u in us)
-            label = f"{child.rsplit('/', 1)[-1]} · {kinds.get(child, 'layer')}"
+            # a scope around layers (a GAN's "gen") is the user's name scope, not a layer
+            kind = kinds.get(child) or ("name scope" if any(_inside(k, child) for k in kinds) else "layer")
+            label = f"{child.rsplit('/', 1)[-1]} · {kind}"
             label += f" · {params:,} params" if params else ""
             label = _text([label, *(_badge(flag, layer.relative if layer else None, None) for flag in flags)])
-            tooltip = [f"layer {child} ({kinds.get(child, 'layer')}), {params:,} parameters"]
+            tooltip = [f"{child} ({kind}), {params:,} parameters"]
             if layer is not None and layer.grad_rms is not None:
                 tooltip += [f"{what} {_fmt(value)}" for what, value in (
                     ("parameter gradient RMS", layer.grad_rms),

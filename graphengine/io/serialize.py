@@ -440,13 +440,16 @@ NULL = type(None)
 _NAMES = _List(str)
 _SIZE = _Type(int)
 _APPLIED = {"kind": str, "inputs": _NAMES, "name": (str, NULL), "config": dict}
-_CALLS: dict[str, _Schema] = {
-    "input": _Object({"name": str, "shape": _List((int, NULL)), "dtype": str}),
-    "parameter": _Object({"name": str, "shape": _List(int), "init": (str, dict),
-                          "trainable": bool, "decay": (bool, NULL), "dtype": str}),
-    "constant": _Object({"name": (str, NULL), "value": str, "dtype": str}),
-    **{kind: _Object(_APPLIED) for kind in ("op", "layer", "activation", "loss")},
+_FIELDS: dict[str, dict[str, Any]] = {
+    "input": {"name": str, "shape": _List((int, NULL)), "dtype": str},
+    "parameter": {"name": str, "shape": _List(int), "init": (str, dict),
+                  "trainable": bool, "decay": (bool, NULL), "dtype": str},
+    "constant": {"name": (str, NULL), "value": str, "dtype": str},
+    **{kind: _APPLIED for kind in ("op", "layer", "activation", "loss")},
 }
+#: Each call may also name the name scope it was made in (absent: none).
+_CALLS: dict[str, _Schema] = {call: _Object({**fields, "scope": str}, optional=("scope",))
+                              for call, fields in _FIELDS.items()}
 _SCALAR = (bool, int, float, str, NULL)
 _DOCUMENT = _Object({
     "graph": {"name": str, "calls": _Calls(), "nodes": _NAMES},
@@ -622,6 +625,10 @@ def rebuild_graph(file: ModelFile) -> Graph:
 
 
 def _replay(graph: Graph, call: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+    if "scope" in call:
+        with graph.name_scope(call["scope"]):
+            _replay(graph, {k: v for k, v in call.items() if k != "scope"}, tensors)
+        return
     kind = call["call"]
     inputs = [graph[name] for name in call.get("inputs", ())]
     name = call.get("name")

@@ -299,6 +299,8 @@ class Graph:
         if top:
             self._origin = _user_origin()
             before = len(self.nodes)
+            if self._scopes:  # replayed inside the same name scope, it names its nodes alike
+                call["scope"] = "/".join(self._scopes)
         self._depth += 1
         try:
             yield
@@ -551,6 +553,41 @@ class Graph:
             return self._add(LossOp(kind, loss), [pred, target], self._full_name(name, kind))
 
     # -- queries ---------------------------------------------------------------------------
+
+    def layers(self) -> dict[str, dict[str, Any]]:
+        """Each layer a builder call made (``g.layer``), by its full scope (``"gen/fc1"`` for
+        layer ``fc1`` built inside ``name_scope("gen")``: the prefix of its nodes' names) ->
+        that call."""
+        return {f"{call['scope']}/{call['name']}" if "scope" in call else call["name"]: call
+                for call in self.calls if call["call"] == "layer"}
+
+    def enclosing_layer(self, scope: str | None, layers: Mapping[str, Any] | None = None) -> str | None:
+        """The layer (a key of :meth:`layers`, passed as ``layers`` when asked for many scopes)
+        that the name scope ``scope`` of a node lies in, or None."""
+        if scope is None:
+            return None
+        layers = self.layers() if layers is None else layers
+        return next((s for s in (*_scopes_of(scope), scope) if s in layers), None)
+
+    def groups(self) -> dict[str, str]:
+        """Node -> the group it is shown in (one row of ``Model.summary()``, one node of a
+        collapsed diagram): the layer a builder call made around it (``"gen/fc1"``), else its
+        top-level name scope where no builder call made a layer inside that scope (a layer
+        written by hand from primitives). Nodes of no group (inputs, losses, activations
+        between layers) are absent."""
+        layers = self.layers()
+        holding = {scope.split("/", 1)[0] for scope in layers if "/" in scope}
+        groups: dict[str, str] = {}
+        for name, node in self.nodes.items():
+            if node.layer is None:
+                continue
+            layer = self.enclosing_layer(node.layer, layers)
+            top = node.layer.split("/", 1)[0]
+            if layer is not None:
+                groups[name] = layer
+            elif top not in holding:
+                groups[name] = top
+        return groups
 
     def inputs(self) -> list[str]:
         return [n for n, node in self.nodes.items() if isinstance(node.op, Input)]

@@ -189,10 +189,9 @@ class Exporter:
 
 
 def describe_origin(graph: Any, name: str) -> str:
-    node = graph.nodes[name]
-    layer = next((c for c in graph.calls if c["call"] == "layer" and node.layer
-                  and node.layer.split("/", 1)[0] == c["name"]), None)
-    return f", in layer {layer['name']!r} of kind {layer['kind']!r}" if layer else ""
+    layers = graph.layers()
+    layer = graph.enclosing_layer(graph.nodes[name].layer, layers)
+    return f", in layer {layer!r} of kind {layers[layer]['kind']!r}" if layer else ""
 
 
 def value_info(onnx: Any, name: str, spec: Any) -> Any:

@@ -342,12 +342,12 @@ def _epoch_line(epoch: int, last: int, logs: Mapping[str, float], seconds: float
     return f"epoch {epoch:>{width}}/{last}  {values}  ({seconds:.2f} s)"
 
 
-def _data_fitted_calls(model: Model) -> Iterator[dict[str, Any]]:
-    """The builder calls of the model's data-fitted layers (preprocessing), in graph order."""
+def _data_fitted_calls(model: Model) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The model's data-fitted layers (preprocessing), in graph order: (full name, builder call)."""
     layers = get_plugin_manager().layers
-    for call in model.graph.calls:
-        if call["call"] == "layer" and hasattr(layers.get(call["kind"]), "fit_data"):
-            yield call
+    for scope, call in model.graph.layers().items():
+        if hasattr(layers.get(call["kind"]), "fit_data"):
+            yield scope, call
 
 
 class _Batches:
@@ -377,7 +377,7 @@ class _Batches:
                             f"fit() was asked for {epochs} epochs: pass steps_per_epoch=N (N "
                             f"batches make an epoch), or a list of batches, or an object whose "
                             f"__iter__ starts the batches afresh")
-        unfitted = [c["name"] for c in _data_fitted_calls(model) if c["name"] not in model.fitted_layers]
+        unfitted = [scope for scope, _ in _data_fitted_calls(model) if scope not in model.fitted_layers]
         if unfitted:
             raise DataError(f"data-fitted layers {unfitted} need the whole training set, which a "
                             f"stream of batches does not give: call "
@@ -566,8 +566,7 @@ def fit_preprocessing(model: Model, data: Mapping[str, Any], *, refit: bool = Fa
     """
     layers = get_plugin_manager().layers
     fitted: list[str] = []
-    for call in _data_fitted_calls(model):
-        scope = call["name"]
+    for scope, call in _data_fitted_calls(model):
         if scope in model.fitted_layers and not refit:
             continue
         layer = layers.get(call["kind"])(**call["config"])
