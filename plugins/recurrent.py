@@ -11,11 +11,20 @@ operations on contiguous memory:
 - the input projection of every step, ``x_t W + b``, is one matrix product before the loop, the
   bias folded in as a row of ones (so its gradient comes out of the weight gradient's product);
 - each step is one matrix product ``U^T h`` for all gates at once;
-- sigmoid gates are computed as ``1 / (1 + exp(-z))``, 1.5-2x faster than the tanh form on
-  CPUs where NumPy's tanh is not vectorized; the sign is folded into the kernels once per call
-  (``scales``), and an exp that overflows gives exactly 0, the right value (models run
-  operators with overflow warnings off);
-- the weight gradients are one matrix product each over all steps after the loop.
+- sigmoid gates are computed as ``(1 + tanh(z / 2)) / 2``: the halving is folded into the
+  kernels once per call (``scales``), so an LSTM step runs one tanh over all four gate blocks;
+  NumPy's float32 tanh is vectorized, and one such pass costs less than the exp, the add and the
+  reciprocal of ``1 / (1 + exp(-z))``;
+- large arrays are few, and reused within a call: an LSTM's activations overwrite its
+  projection, and its backward turns them, in place, into the factors each step multiplies its
+  gradients by; what the step loop no longer needs is dropped before the weight gradients' buffers
+  are made. Fresh memory is faulted in page by page, which costs as much as the arithmetic on it,
+  and a small peak keeps the allocator from handing pages back to the system after each step;
+- the weight gradients are matrix products over all steps after the loop, a chunk of steps at a
+  time (``CHUNK``), so that the transposed copy of the per-step gradients they need is a small
+  buffer, reused, which stays in the cache;
+- without an initial state, h_0 = 0 drops out of ``U``'s gradient (and of an LSTM's first
+  step), and backward carries no gradient past the first step unless an initial state wants it.
 
 ``reverse=True`` runs from the last step to the first (the backward half of a bidirectional
 layer); its output is still in the input's time order.
@@ -42,13 +51,15 @@ import graphengine as ge
 from graphengine.errors import GraphBuildError, ShapeError, require_int
 from graphengine.ir.operators import TensorSpec, require_float, same_dtype
 
+#: Elements of the per-step values that the steps' bulk work (the weight gradients, an LSTM's
+#: backward factors) takes a chunk at a time: its buffers are small, and stay in a core's cache.
+CHUNK = 131072
 
-def _sigmoid_of_negated(xp: Any, negated: Any) -> None:
-    """In place: ``negated`` holds ``-z`` and becomes ``sigmoid(z)`` (an exp that overflows gives
-    inf, and exactly 0; models run operators with overflow warnings off)."""
-    xp.exp(negated, out=negated)
-    negated += 1
-    xp.reciprocal(negated, out=negated)
+
+def _sigmoid_of_tanh(tanh_half: Any) -> None:
+    """In place: ``tanh_half`` holds ``tanh(z / 2)`` and becomes ``sigmoid(z)``."""
+    tanh_half *= 0.5
+    tanh_half += 0.5
 
 
 class Recurrent(ge.Operator):
@@ -67,7 +78,7 @@ class Recurrent(ge.Operator):
     #: Blocks of ``units`` columns in ``W``, ``U`` and ``b``.
     gates: ClassVar[int]
     #: For each block: the factor folded into its kernels, so that ``run`` receives the block's
-    #: pre-activations multiplied by it (-1 for a sigmoid gate: see the module docstring).
+    #: pre-activations multiplied by it (1/2 for a sigmoid gate: see the module docstring).
     scales: ClassVar[tuple[float, ...]]
     #: State names; ``h`` is the output, an LSTM also carries ``c``.
     states: ClassVar[tuple[str, ...]] = ("h",)
@@ -135,7 +146,7 @@ class Recurrent(ge.Operator):
         ctx.valid = None if mask is None else self._time_major(mask[:, :, None])
         batch, steps, features = x.shape
         units = u.shape[0]
-        # (features + 1, time, batch): backward contracts it over (time, batch) in one product.
+        # (features + 1, time, batch): backward contracts it over (time, batch).
         inputs = xp.empty((features + 1, steps, batch), dtype=x.dtype)
         inputs[:features] = self._time_major(x).transpose(1, 0, 2)
         inputs[features] = 1
@@ -144,10 +155,10 @@ class Recurrent(ge.Operator):
         projection = xp.matmul(kernel, inputs.transpose(1, 0, 2))  # (time, gates*units, batch)
         hidden = xp.empty((steps + 1, units, batch), dtype=x.dtype)
         hidden[0] = initial[0].T if initial else 0
-        self.run(ctx, xp, projection, hidden, xp.ascontiguousarray(u.T * scale), extras,
-                 tuple(s.T for s in initial[1:]))
+        u_t = (u * scale.T).T  # BLAS reads the transposed view as it is, without a copy
         ctx.inputs, ctx.hidden, ctx.w, ctx.u, ctx.initial_states = (
             inputs, hidden, w, u, len(initial))
+        self.run(ctx, xp, projection, hidden, u_t, extras, tuple(s.T for s in initial[1:]))
         if not self.return_sequences:
             return xp.ascontiguousarray(hidden[steps].T)
         outputs = hidden[:0:-1] if self.reverse else hidden[1:]
@@ -157,7 +168,7 @@ class Recurrent(ge.Operator):
         return outputs
 
     def backward(self, ctx, xp, inputs, output, grad):
-        steps, units, batch = ctx.hidden.shape[0] - 1, ctx.hidden.shape[1], ctx.hidden.shape[2]
+        units, batch = ctx.hidden.shape[1:]
         if self.return_sequences:
             grad_outputs = xp.ascontiguousarray(self._time_major(grad))
             if ctx.valid is not None:  # padded steps output zeros: no gradient comes back
@@ -167,21 +178,57 @@ class Recurrent(ge.Operator):
             grad_outputs, grad_last = None, grad.T.copy()  # the cells may add into it
         grad_projection, grad_recurrent, grad_extras, grad_states = self.run_backward(
             ctx, xp, ctx.u, grad_last, grad_outputs)
-        # Sums over steps and batch, one matrix product each, over (n, time * batch) matrices.
-        flat_projection = _steps_as_columns(xp, grad_projection)
-        flat_recurrent = (flat_projection if grad_recurrent is grad_projection
-                          else _steps_as_columns(xp, grad_recurrent))
-        inputs = ctx.inputs.reshape(ctx.inputs.shape[0], -1)
-        grad_wb = inputs @ flat_projection.T
-        grad_u = _steps_as_columns(xp, ctx.hidden[:steps]) @ flat_recurrent.T
-        grad_x = None
-        if ctx.grad_wanted(0):
-            grad_x = (ctx.w @ flat_projection).reshape(-1, steps, batch)  # (features, time, batch)
-            grad_x = xp.ascontiguousarray(
+        grad_wb, grad_u, grad_x = self.sums_over_steps(ctx, xp, grad_projection, grad_recurrent)
+        if grad_x is not None:
+            grad_x = xp.ascontiguousarray(  # (features, time, batch) -> (batch, time, features)
                 (grad_x[:, ::-1] if self.reverse else grad_x).transpose(2, 1, 0))
+        to_initial = self.carries_to_initial(ctx)
         grads = (grad_x, grad_wb[:-1], grad_u, grad_wb[-1], *grad_extras)
-        grads += tuple(xp.ascontiguousarray(s.T) for s in grad_states[:ctx.initial_states])
+        grads += tuple(xp.ascontiguousarray(s.T) if to_initial else None
+                       for s in grad_states[:ctx.initial_states])
         return grads + (None,) * self.masked
+
+    def sums_over_steps(self, ctx, xp, grad_projection, grad_recurrent) -> tuple:
+        """The gradients of ``[W; b]`` and ``U``, and of the input (features, time, batch) in
+        visiting order where wanted (else None), from those of the projection and of ``U^T h``.
+
+        Each is a matrix product over (n, steps * batch) matrices, which takes a transposed copy
+        of the per-step gradients; a chunk of steps at a time, that copy is a small buffer,
+        reused, which stays in the processor's cache. The (gates*units, n) products, transposed
+        after, are the faster ones for BLAS."""
+        steps, width, batch = grad_projection.shape
+        inputs, hidden = ctx.inputs, ctx.hidden
+        chunk = _chunk_steps(steps, width, batch)
+        columns = xp.empty((width, chunk, batch), dtype=grad_projection.dtype)
+        recurrent_columns = columns if grad_recurrent is grad_projection else xp.empty_like(columns)
+        hidden_columns = xp.empty((hidden.shape[1], chunk, batch), dtype=hidden.dtype)
+        grad_x = (xp.empty((ctx.w.shape[0], steps, batch), dtype=grad_projection.dtype)
+                  if ctx.grad_wanted(0) else None)
+        grad_wb = grad_u = None
+        for start in range(0, steps, chunk):
+            stop = min(start + chunk, steps)
+            n = stop - start
+            projection = _as_columns(grad_projection[start:stop], columns[:, :n])
+            recurrent = (projection if recurrent_columns is columns
+                         else _as_columns(grad_recurrent[start:stop], recurrent_columns[:, :n]))
+            wb = projection @ inputs[:, start:stop].reshape(inputs.shape[0], -1).T
+            # Without an initial state, h_0 = 0 adds nothing: the product skips its columns.
+            skip = batch if start == 0 and not ctx.initial_states else 0
+            u = recurrent[:, skip:] @ _as_columns(hidden[start:stop], hidden_columns[:, :n])[:, skip:].T
+            if grad_wb is None:
+                grad_wb, grad_u = wb, u
+            else:
+                grad_wb += wb
+                grad_u += u
+            if grad_x is not None:
+                grad_x[:, start:stop] = (ctx.w @ projection).reshape(-1, n, batch)
+        return grad_wb.T, grad_u.T, grad_x
+
+    def carries_to_initial(self, ctx: Any) -> bool:
+        """Whether backward carries the gradient back past the first step: only the initial
+        states given as inputs, where their gradients are wanted, receive it."""
+        first = 4 + len(self.extra_params)
+        return any(ctx.grad_wanted(first + n) for n in range(ctx.initial_states))
 
     @staticmethod
     def step_grad(carry: Any, grad_outputs: Any, k: int) -> Any:
@@ -213,21 +260,27 @@ class Recurrent(ge.Operator):
     def run(self, ctx: Any, xp: Any, projection: Any, hidden: Any, u_t: Any, extras: tuple,
             initial: tuple) -> None:
         """Fill ``hidden[1:]`` from ``hidden[0]``, each (units, batch), and the per-step input
-        ``projection`` (time, gates*units, batch). ``u_t`` is ``U`` transposed; on the rows of
-        sigmoid gates, ``projection`` and ``u_t`` are negated."""
+        ``projection`` (time, gates*units, batch), which is the run's to overwrite. ``u_t`` is
+        ``U`` transposed; both are multiplied by ``scales``, block by block."""
         raise NotImplementedError
 
     def run_backward(self, ctx: Any, xp: Any, u: Any, grad_last: Any, grad_outputs: Any | None) -> tuple:
         """Back through time. Returns the gradients of the projection and of ``U^T h`` (each
         (time, gates*units, batch)), of the extra parameters, and of the initial states (each
-        (units, batch))."""
+        (units, batch)). May overwrite what the forward kept on ``ctx``: a tape is
+        back-propagated once."""
         raise NotImplementedError
 
 
-def _steps_as_columns(xp: Any, per_step: Any) -> Any:
-    """(time, n, batch) -> a contiguous (n, time * batch) matrix."""
-    steps, n, batch = per_step.shape
-    return xp.ascontiguousarray(per_step.transpose(1, 0, 2)).reshape(n, steps * batch)
+def _chunk_steps(steps: int, width: int, batch: int) -> int:
+    """Steps in a chunk of (time, width, batch) per-step values: CHUNK elements' worth."""
+    return min(steps, max(1, CHUNK // (width * batch)))
+
+
+def _as_columns(per_step: Any, buffer: Any) -> Any:
+    """(time, n, batch) copied into ``buffer`` (n, time, batch): an (n, time * batch) matrix."""
+    buffer[...] = per_step.transpose(1, 0, 2)
+    return buffer.reshape(buffer.shape[0], -1)
 
 
 class SimpleRNN(Recurrent):
@@ -268,10 +321,12 @@ class SimpleRNN(Recurrent):
         derivative = 1 - outputs ** 2 if self.activation == "tanh" else (outputs > 0).astype(outputs.dtype)
         padded = self.padded_steps(ctx, derivative)
         grad_z = xp.empty_like(derivative)
-        carry = grad_last
+        carry, to_initial = grad_last, self.carries_to_initial(ctx)
         for k in range(derivative.shape[0] - 1, -1, -1):
             dh = self.step_grad(carry, grad_outputs, k)
             xp.multiply(dh, derivative[k], out=grad_z[k])
+            if k == 0 and not to_initial:
+                break
             carry = u @ grad_z[k]
             if padded is not None:  # a held state passes its gradient on unchanged
                 carry += dh * padded[k]
@@ -287,64 +342,94 @@ class LSTM(Recurrent):
 
     kind = "lstm"
     gates = 4
-    scales = (-1.0, -1.0, -1.0, 1.0)  # three sigmoid gates, then the tanh candidate
+    scales = (0.5, 0.5, 0.5, 1.0)  # three sigmoid gates, then the tanh candidate
     states = ("h", "c")
 
     def run(self, ctx, xp, projection, hidden, u_t, extras, initial):
         steps, width, batch = projection.shape
         units = width // 4
         sig = 3 * units
-        ctx.acts = acts = xp.empty_like(projection)
+        ctx.acts = acts = projection  # each step's activations replace its projection
         ctx.cells = cells = xp.empty((steps + 1, units, batch), dtype=projection.dtype)
         ctx.tanh_cells = tanh_cells = xp.empty((steps, units, batch), dtype=projection.dtype)
+        recurrent = xp.empty((width, batch), dtype=projection.dtype)
         kept = xp.empty((units, batch), dtype=projection.dtype)
         cells[0] = initial[0] if initial else 0
+        sigmoids = acts[:, :sig]
+        i, f, o, g = (acts[:, n * units:(n + 1) * units] for n in range(4))
         for k in range(steps):
-            a = xp.matmul(u_t, hidden[k], out=acts[k])
-            a += projection[k]
-            _sigmoid_of_negated(xp, a[:sig])
-            xp.tanh(a[sig:], out=a[sig:])
-            c = cells[k + 1]
-            xp.multiply(a[units:2 * units], cells[k], out=c)
-            c += xp.multiply(a[:units], a[sig:], out=kept)
+            a = acts[k]
+            if k or ctx.initial_states:  # else h_0 = 0, and so is its product
+                a += xp.matmul(u_t, hidden[k], out=recurrent)
+            xp.tanh(a, out=a)
+            _sigmoid_of_tanh(sigmoids[k])
+            c = xp.multiply(f[k], cells[k], out=cells[k + 1])
+            c += xp.multiply(i[k], g[k], out=kept)
             xp.tanh(c, out=tanh_cells[k])
-            xp.multiply(a[2 * units:sig], tanh_cells[k], out=hidden[k + 1])
+            xp.multiply(o[k], tanh_cells[k], out=hidden[k + 1])
             self.hold_padded(ctx, xp, k, hidden, cells)
 
     def run_backward(self, ctx, xp, u, grad_last, grad_outputs):
         acts, cells, tanh_cells = ctx.acts, ctx.cells, ctx.tanh_cells
+        del ctx.cells, ctx.tanh_cells  # gone with the loop, before the weight gradients' buffers
         steps, width, batch = acts.shape
         units = width // 4
-        i, f, o, g = (slice(n * units, (n + 1) * units) for n in range(4))
-        sig = 3 * units
-        # Derivatives of the gate nonlinearities, for all steps at once.
-        derivative = xp.empty_like(acts)
-        xp.subtract(1, acts[:, :sig], out=derivative[:, :sig])
-        derivative[:, :sig] *= acts[:, :sig]
-        xp.square(acts[:, g], out=derivative[:, g])
-        xp.subtract(1, derivative[:, g], out=derivative[:, g])
-        out_through_tanh = 1 - tanh_cells ** 2
-        out_through_tanh *= acts[:, o]
-        padded = self.padded_steps(ctx, derivative, out_through_tanh)
-        # What of c_{t-1} reaches c_t: the forget gate, all of it on a padded step.
-        forget = acts[:, f] if padded is None else xp.where(padded, 1, acts[:, f])
-        grad_z = xp.empty_like(acts)
+        # Each step's gradient is dh and dc times factors known from the forward:
+        # dz_i = dc g i(1-i), dz_f = dc c_{t-1} f(1-f), dz_o = dh tanh(c) o(1-o),
+        # dz_g = dc i (1-g^2), and dh adds dh o (1-tanh(c)^2) to dc. They are computed before
+        # the loop, into the forward's buffers (the activations become the factors, tanh(c) the
+        # last one, c_{t-1} the forget gate), so the loop multiplies in place and allocates
+        # nothing; a chunk of steps at a time, so that the products' buffer is small.
+        i, f, o, g = (acts[:, n * units:(n + 1) * units] for n in range(4))
+        through, forget = tanh_cells, cells[:steps]
+        chunk = _chunk_steps(steps, width, batch)
+        product = xp.empty((chunk, units, batch), dtype=acts.dtype)
+        for start in range(0, steps, chunk):
+            part = slice(start, min(start + chunk, steps))
+            _lstm_factors(xp, i[part], f[part], o[part], g[part], through[part], forget[part],
+                          product[:part.stop - start])
+        padded = self.padded_steps(ctx, acts, through)
+        if padded is not None:  # c_{t-1} reaches c_t whole on a padded step
+            forget *= ctx.valid
+            forget += padded
         carry, grad_c = grad_last, xp.zeros((units, batch), dtype=acts.dtype)
         through_h = xp.empty_like(grad_c)
-        for k in range(steps - 1, -1, -1):
-            a, dz = acts[k], grad_z[k]
+        to_initial = self.carries_to_initial(ctx)
+        for k in range(steps - 1, -1, -1):  # i, f, o, g: the gates' factors, then gradients
             dh = self.step_grad(carry, grad_outputs, k)
-            xp.multiply(dh, tanh_cells[k], out=dz[o])
-            grad_c += xp.multiply(dh, out_through_tanh[k], out=through_h)
-            xp.multiply(grad_c, a[g], out=dz[i])
-            xp.multiply(grad_c, cells[k], out=dz[f])
-            xp.multiply(grad_c, a[i], out=dz[g])
-            dz *= derivative[k]
+            o[k] *= dh
+            grad_c += xp.multiply(dh, through[k], out=through_h)
+            i[k] *= grad_c
+            f[k] *= grad_c
+            g[k] *= grad_c
+            if k == 0 and not to_initial:
+                break
             grad_c *= forget[k]
-            carry = u @ dz
+            carry = u @ acts[k]
             if padded is not None:  # a held state passes its gradient on unchanged
                 carry += dh * padded[k]
-        return grad_z, grad_z, (), (carry, grad_c)
+        return acts, acts, (), (carry, grad_c)
+
+
+def _lstm_factors(xp: Any, i: Any, f: Any, o: Any, g: Any, tanh_cells: Any, cells: Any,
+                  product: Any) -> None:
+    """In place, over (steps, units, batch) arrays, each value read before it is overwritten:
+    the gates become the factors of LSTM.run_backward, ``tanh_cells`` the factor of dh in dc,
+    ``cells`` (c_{t-1}) the forget gate. ``product`` is scratch."""
+    xp.multiply(o, tanh_cells, out=product)
+    xp.multiply(product, tanh_cells, out=tanh_cells)
+    xp.subtract(o, tanh_cells, out=tanh_cells)  # o - o tanh(c)^2
+    xp.multiply(product, o, out=o)
+    xp.subtract(product, o, out=o)  # o tanh(c) - o^2 tanh(c)
+    xp.multiply(cells, f, out=product)  # c_{t-1} f
+    cells[...] = f
+    xp.multiply(product, f, out=f)
+    xp.subtract(product, f, out=f)  # c_{t-1} f - c_{t-1} f^2
+    xp.multiply(g, i, out=product)
+    xp.multiply(product, g, out=g)
+    xp.subtract(i, g, out=g)  # i - i g^2
+    xp.multiply(product, i, out=i)
+    xp.subtract(product, i, out=i)  # g i - g i^2
 
 
 class GRU(Recurrent):
@@ -357,7 +442,7 @@ class GRU(Recurrent):
 
     kind = "gru"
     gates = 3
-    scales = (-1.0, -1.0, 1.0)  # two sigmoids; the candidate's tanh takes r * (h U_n + bh)
+    scales = (0.5, 0.5, 1.0)  # two sigmoids; the candidate's tanh takes r * (h U_n + bh)
     extra_params = ("bh",)
 
     def run(self, ctx, xp, projection, hidden, u_t, extras, initial):
@@ -371,7 +456,7 @@ class GRU(Recurrent):
         for k in range(steps):
             xp.matmul(u_t, hidden[k], out=hu)
             rz = xp.add(projection[k][:2 * units], hu[:2 * units], out=gates[k])
-            _sigmoid_of_negated(xp, rz)
+            _sigmoid_of_tanh(xp.tanh(rz, out=rz))
             xp.add(hu[2 * units:], bh, out=hidden_n[k])
             n = xp.multiply(rz[:units], hidden_n[k], out=candidates[k])
             n += projection[k][2 * units:]
@@ -395,7 +480,7 @@ class GRU(Recurrent):
         kept = gates[:, z] if padded is None else xp.where(padded, 1, gates[:, z])
         grad_projection = xp.empty((steps, 3 * units, batch), dtype=gates.dtype)
         grad_recurrent = xp.empty_like(grad_projection)
-        carry = grad_last
+        carry, to_initial = grad_last, self.carries_to_initial(ctx)
         for k in range(steps - 1, -1, -1):
             dh = self.step_grad(carry, grad_outputs, k)
             rz, dp, dr = gates[k], grad_projection[k], grad_recurrent[k]
@@ -405,6 +490,8 @@ class GRU(Recurrent):
             dp[:2 * units] *= derivative[k]
             dr[:2 * units] = dp[:2 * units]
             xp.multiply(dp[n], rz[r], out=dr[n])
+            if k == 0 and not to_initial:
+                break
             carry = dh * kept[k]
             carry += u @ dr
         grad_bh = grad_recurrent[:, n].sum(axis=(0, 2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from graphengine.plugins import recurrent
 from graphengine.plugins.recurrent import GRU, LSTM, Orthogonal, SimpleRNN
 
 import graphengine as ge
@@ -48,6 +49,36 @@ def test_gradient_through_time(cell, return_sequences, reverse, steps, initial, 
     cls = CELLS[cell]
     inputs = op_inputs(cls, steps=steps, initial=initial)
     check_backward(prepared(lambda: cls(return_sequences, reverse), inputs), inputs, backend=backend)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_gradients_summed_over_chunks_of_steps(cell, reverse, monkeypatch):
+    """The weight and input gradients sum over chunks of steps: 5 steps in chunks of 2, the
+    last one short, give what one chunk gives."""
+    cls = CELLS[cell]
+    inputs = op_inputs(cls, steps=5, initial=True)
+    monkeypatch.setattr(recurrent, "CHUNK", 2 * cls.gates * UNITS * 2)  # batch 2: 2 steps a chunk
+    check_backward(prepared(lambda: cls(True, reverse), inputs), inputs)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_initial_states_get_no_gradient_unless_wanted(cell):
+    """Without a wanted initial state, backward stops at the first step; the other gradients
+    are the same as with it."""
+    cls = CELLS[cell]
+    inputs = op_inputs(cls, initial=True)
+    op = prepared(lambda: cls(True), inputs)()
+    grads = {}
+    for wanted in (True, False):
+        ctx = make_context()
+        output = op.forward(ctx, np, *inputs)
+        ctx.wanted = (True,) * (len(inputs) - len(cls.states)) + (wanted,) * len(cls.states)
+        grads[wanted] = op.backward(ctx, np, tuple(inputs), output, np.ones_like(output))
+    assert all(g is None for g in grads[False][-len(cls.states):])
+    assert all(g is not None for g in grads[True][-len(cls.states):])
+    for with_states, without in zip(grads[True][:-len(cls.states)], grads[False][:-len(cls.states)]):
+        np.testing.assert_allclose(with_states, without, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- reference formulas
