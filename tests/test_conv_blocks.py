@@ -1,8 +1,8 @@
 """The convolution building blocks beyond plain conv2d: dilation and groups, conv1d,
 conv_transpose2d, global_avg_pool2d, avg_pool2d(count_include_pad=False) and ceil_mode on both
 pools. Gradients on every backend, values and gradients against PyTorch in float64, the adjoint
-identity that ties conv_transpose2d to conv2d, build-time errors, and what a convolution keeps
-for its backward."""
+identity that ties conv_transpose2d to conv2d, build-time errors, what a convolution keeps
+for its backward, its blocks of im2col rows and the memory layout the operators pass on."""
 
 from __future__ import annotations
 
@@ -202,9 +202,14 @@ def test_pools_match_pytorch_on_any_geometry(size, kernel, stride, pad, ceil_mod
 
 
 @pytest.mark.parametrize("op,reduce", [(MaxPool2D, np.max), (AvgPool2D, np.mean)])
-def test_a_batch_of_one_with_stride_1_is_pooled_right_and_left_untouched(op, reduce):
-    """One image's first row slab is contiguous: the pass must copy it, not add into the input."""
-    x = np.ascontiguousarray(r(1, 4, 5, 3).transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)  # channels-last
+@pytest.mark.parametrize("memory", ["channels-last, one image", "(C, H, W, N), one channel"])
+def test_a_contiguous_first_slab_is_pooled_right_and_the_input_left_untouched(op, reduce, memory):
+    """Where the first tap's slab of the input is contiguous, the pass must copy it, not add
+    into the input."""
+    if memory.startswith("channels-last"):
+        x = np.ascontiguousarray(r(1, 4, 5, 3).transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    else:
+        x = r(1, 5, 3, 4).transpose(3, 0, 1, 2)  # (N, C, H, W) view of a contiguous (C, H, W, N)
     before = x.copy()
     pool = prepared(lambda: op(3, 1), [x])()
     expected = naive_pool(x, (3, 3), (1, 1), ((0, 0), (0, 0)), reduce, 0.0)
@@ -212,24 +217,91 @@ def test_a_batch_of_one_with_stride_1_is_pooled_right_and_left_untouched(op, red
     np.testing.assert_array_equal(x, before)
 
 
-def test_blocks_of_images_give_the_same_result(monkeypatch):
-    """The im2col matrix is built a block of images at a time: one image per block gives the
-    result of one block for the whole batch (with groups, dilation and the one-channel layout)."""
-    cases = [(lambda: Conv2D(2, 1, dilation=2, groups=2), [r(5, 4, 7, 6), r(6, 2, 3, 3), r(6)]),
-             (lambda: Conv2D(1, "same"), [r(5, 1, 6, 5), r(3, 1, 3, 3), r(3)]),
-             (lambda: ConvTranspose2D(2, 1, 1), [r(5, 3, 4, 3), r(3, 2, 3, 3), r(2)])]
+BLOCK_CASES = {
+    "dilation_groups": (lambda: Conv2D(2, 1, dilation=2, groups=2), [r(5, 4, 7, 6), r(6, 2, 3, 3), r(6)]),
+    "one_channel_same": (lambda: Conv2D(1, "same"), [r(5, 1, 6, 5), r(3, 1, 3, 3), r(3)]),
+    "stride2_asymmetric_no_bias": (lambda: Conv2D(2, ((2, 0), (1, 2))), [r(3, 2, 9, 6), r(4, 2, 3, 2)]),
+    "depthwise_stride_1x2": (lambda: Conv2D((1, 2), 1, groups=3), [r(2, 3, 7, 8), r(6, 1, 3, 3), r(6)]),
+    "transpose_stride2": (lambda: ConvTranspose2D(2, 1, 1), [r(5, 3, 4, 3), r(3, 2, 3, 3), r(2)]),
+    "transpose_asymmetric": (lambda: ConvTranspose2D((2, 3), ((0, 1), (2, 0)), (1, 2)),
+                             [r(2, 2, 5, 4), r(2, 3, 3, 4), r(3)]),
+}
 
-    def outputs(factory, inputs):
+
+@pytest.mark.parametrize("budget", [1, 1000, 2000, 5000, 9000])
+@pytest.mark.parametrize("case", sorted(BLOCK_CASES))
+def test_blocks_give_the_same_result(case, budget, monkeypatch):
+    """The im2col matrix (and in conv2d's backward its gradient) is built a block at a time:
+    any block size, from one output pixel per block through parts of rows to uneven blocks of
+    rows, gives the result of one block for all, values and all gradients."""
+    factory, inputs = BLOCK_CASES[case]
+
+    def outputs():
         op = prepared(factory, inputs)()
         ctx = make_context()
         y = op.forward(ctx, np, *inputs)
         return [y, *op.backward(ctx, np, (inputs[0],), None, np.cos(np.arange(y.size)).reshape(y.shape))]
 
-    whole = [outputs(*case) for case in cases]
-    monkeypatch.setattr(conv, "COLUMN_BLOCK_BYTES", 1)
-    for case, expected in zip(cases, whole):
-        for got, want in zip(outputs(*case), expected):
-            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    whole = outputs()
+    monkeypatch.setattr(conv, "COLUMN_BLOCK_BYTES", budget)
+    for got, want in zip(outputs(), whole, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("out_h,out_w,n,rows,budget", [
+    (14, 14, 64, 145, 1 << 20), (14, 14, 64, 145, 1), (7, 3, 2, 3, 10 ** 9), (5, 3, 2, 4, 2 * 3 * 4 * 2 * 8),
+    (9, 3, 2, 2, 3 * 3 * 2 * 2 * 8 + 7), (4, 10, 5, 5, 3 * 5 * 5 * 8), (3, 7, 5, 5, 2 * 5 * 5 * 8 + 1)])
+def test_blocks_are_the_fewest_within_the_budget_even_and_contiguous(out_h, out_w, n, rows, budget,
+                                                                     monkeypatch):
+    monkeypatch.setattr(conv, "COLUMN_BLOCK_BYTES", budget)
+    correlation = conv.Correlation(conv.Window.resolve((3, 3), (1, 1), 1, (out_h, out_w)), 4, 4)
+    blocks = correlation.blocks(n, rows, 8)
+    per_pixel = rows * n * 8  # the columns of one output pixel of the batch
+    sizes = [len(r) * len(c) for r, c in blocks]
+    assert max(sizes) * per_pixel <= max(budget, per_pixel)
+    whole_rows = all(c == range(out_w) for _, c in blocks)
+    assert whole_rows or all(len(r) == 1 for r, _ in blocks)
+    lengths = [len(r) for r, _ in blocks] if whole_rows else [len(c) for _, c in blocks]
+    assert max(lengths) - min(lengths) <= 1
+    fitting = max(1, budget // per_pixel)
+    assert len(blocks) == (-(-out_h // (fitting // out_w)) if fitting >= out_w
+                           else out_h * -(-out_w // fitting))
+    # In order, each block one range of the output matrix's columns, together all of them.
+    wheres = [correlation.where(block, n) for block in blocks]
+    assert [i for w in wheres for i in range(w.start, w.stop)] == list(range(out_h * out_w * n))
+
+
+@pytest.mark.parametrize("factory,weights", [(lambda: Conv2D(1, 1), [r(4, 3, 3, 3), r(4)]),
+                                             (lambda: ConvTranspose2D(2, 1), [r(3, 2, 3, 3), r(2)])])
+def test_an_empty_batch_gives_empty_outputs_and_zero_parameter_gradients(factory, weights):
+    inputs = [np.zeros((0, 3, 5, 5)), *weights]
+    op = prepared(factory, inputs)()
+    ctx = make_context()
+    y = op.forward(ctx, np, *inputs)
+    grads = op.backward(ctx, np, (inputs[0],), None, np.zeros_like(y))
+    assert y.shape[0] == 0 and grads[0].shape == inputs[0].shape
+    for grad, weight in zip(grads[1:], weights, strict=True):
+        np.testing.assert_array_equal(grad, np.zeros_like(weight))
+
+
+def test_the_conv_stack_passes_batch_innermost_arrays_without_copies():
+    """conv2d, the pools and their gradients give (C, H, W, N) arrays in memory (NCHW views of
+    them), so that a conv stack never converts layouts between its operators."""
+    x = r(3, 2, 8, 8)
+
+    def internal(a):
+        return a.transpose(1, 2, 3, 0)
+
+    for factory, inputs in [(lambda: Conv2D(1, 1), [x, r(4, 2, 3, 3), r(4)]),
+                            (lambda: MaxPool2D(2), [x]), (lambda: AvgPool2D(3, 2, 1), [x]),
+                            (lambda: ConvTranspose2D(2, 1), [x, r(2, 3, 3, 3), r(3)])]:
+        op = prepared(factory, inputs)()
+        ctx = make_context()
+        y = op.forward(ctx, np, *inputs)
+        grad_x = op.backward(ctx, np, (x,), None, internal(np.ones_like(y)).copy().transpose(3, 0, 1, 2))[0]
+        assert internal(y).flags.c_contiguous
+        # Contiguous, or (conv2d's) a view that trims the padding off a contiguous array.
+        assert internal(grad_x).strides[2:] == (x.shape[0] * x.itemsize, x.itemsize)
 
 
 def test_a_convolution_keeps_its_input_not_its_im2col_matrix():
