@@ -1,12 +1,13 @@
 """How building, compiling, planning and running a graph scale with its number of nodes.
 
-    python benchmarks/scaling.py                  # 1k .. 32k nodes, two shapes: ~1.5 minutes
+    python benchmarks/scaling.py                  # 1k .. 32k nodes, two shapes: ~2.5 minutes
     python benchmarks/scaling.py --max-nodes 8000 --shapes chain --rounds 1
     python benchmarks/scaling.py --cpu --json     # CPU time (steadier on a busy machine), JSON
 
 Every phase should cost the same per node at any size: the last table gives, for each phase,
 the cost per node at the largest size over the cost per node at the smallest (1.0 = linear; a
-quadratic phase doubles it with every doubling of the size).
+quadratic phase doubles it with every doubling of the size), taken within each round and then
+the median over rounds, so that a round run under another process's load does not count twice.
 
 Shapes:
 
@@ -141,7 +142,7 @@ def summarize(runs: list[tuple[int, dict, dict]]) -> dict:
     return row
 
 
-def table(results: dict) -> str:
+def table(results: dict, ratios_by_shape: dict) -> str:
     lines = []
     for shape, rows in results.items():
         head = f"{'nodes':>7}" + "".join(f"{p + ' s':>13}{'us/node':>9}{'gc%':>5}" for p in PHASES)
@@ -153,8 +154,9 @@ def table(results: dict) -> str:
                 f"{100 * r['gc_seconds'][p] / r['seconds'][p]:>5.0f}" for p in PHASES))
         lines.append("")
     head = f"{'shape':<8}{'':<12}{'sizes':>13}" + "".join(f"{p:>11}" for p in PHASES)
-    lines += ["per-node cost, largest size / smallest (1.0 = linear)", head, "-" * len(head)]
-    for shape, ratios in growth(results).items():
+    lines += ["per-node cost, largest size / smallest (1.0 = linear): the median over rounds of "
+              "the ratio within a round", head, "-" * len(head)]
+    for shape, ratios in ratios_by_shape.items():
         rows = results[shape]
         sizes = f"{rows[-1]['nodes']}/{rows[0]['nodes']}"
         for key, label in (("us_per_node", "all"), ("us_per_node_without_gc", "without gc")):
@@ -163,10 +165,20 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def growth(results: dict) -> dict:
-    return {shape: {key: {p: rows[-1][key][p] / max(rows[0][key][p], 1e-9) for p in PHASES}
-                    for key in ("us_per_node", "us_per_node_without_gc")}
-            for shape, rows in results.items() if len(rows) > 1}
+def growth(rounds: dict[str, list[list[list]]]) -> dict:
+    """For each shape, phase and clock ("all", "without gc"): the per-node cost at the largest
+    size over that at the smallest, taken within each round (both sizes ran minutes apart at
+    most, under the same load), then the median over rounds. A ratio of the two sizes' medians
+    over the whole run would mix rounds that ran under different loads."""
+    out: dict = {}
+    for shape, by_size in rounds.items():
+        if len(by_size) < 2:
+            continue
+        pairs = [(summarize(small), summarize(large)) for small, large in zip(by_size[0], by_size[-1])]
+        out[shape] = {key: {p: statistics.median(large[key][p] / max(small[key][p], 1e-9)
+                                                  for small, large in pairs) for p in PHASES}
+                      for key in ("us_per_node", "us_per_node_without_gc")}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: chain,dense")
     parser.add_argument("--min-nodes", type=int, default=SIZES[0])
     parser.add_argument("--max-nodes", type=int, default=SIZES[-1])
-    parser.add_argument("--rounds", type=int, default=2, help="runs of every size, interleaved")
+    parser.add_argument("--rounds", type=int, default=5, help="runs of every size, interleaved")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per run")
     parser.add_argument("--repeat-nodes", type=int, default=8000,
                         help="smaller graphs are run several times per round, up to this many nodes")
@@ -200,16 +212,19 @@ def main(argv: list[str] | None = None) -> int:
     # Rounds over all sizes, so that the machine's drift (other processes, clock speed) spreads
     # over every size alike; graphs under --repeat-nodes nodes are timed on several copies per
     # round, since one run of a small graph is mostly noise.
-    runs: dict[tuple[str, int], list] = {(shape, size): [] for shape in shapes for size in sizes}
+    # rounds[shape][size index][round]: the runs of that size in that round
+    rounds: dict[str, list[list[list]]] = {shape: [[] for _ in sizes] for shape in shapes}
     for r in range(args.rounds):
         print(f"round {r + 1} of {args.rounds} ...", flush=True)
         for shape in shapes:
-            for size in sizes:
-                for _ in range(max(1, round(args.repeat_nodes / size))):
-                    runs[shape, size].append(measure_once(shape, size, args.steps))
-    results = {shape: [summarize(runs[shape, size]) for size in sizes] for shape in shapes}
+            for i, size in enumerate(sizes):
+                rounds[shape][i].append([measure_once(shape, size, args.steps)
+                                         for _ in range(max(1, round(args.repeat_nodes / size)))])
+    results = {shape: [summarize([run for part in by_round for run in part])
+                       for by_round in rounds[shape]] for shape in shapes}
+    ratios = growth(rounds)
     print()
-    print(table(results))
+    print(table(results, ratios))
     if args.json:
         stamp = datetime.datetime.now().astimezone()
         args.out.mkdir(parents=True, exist_ok=True)
@@ -217,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {"date": stamp.isoformat(timespec="seconds"), "python": platform.python_version(),
                   "numpy": np.__version__, "batch": BATCH, "steps": args.steps,
                   "rounds": args.rounds, "clock": "cpu" if args.cpu else "wall",
-                  "results": results, "growth": growth(results)}
+                  "results": results, "growth": ratios}
         path.write_text(json.dumps(report, indent=1))
         print(f"\nwritten to {path}")
     return 0

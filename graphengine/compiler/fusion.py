@@ -77,16 +77,20 @@ def fuse_dense(steps: list, specs: list, keep: set[int]) -> list:
     """``steps`` with every fusible chain replaced by one step (a copy of the chain's last step
     with the fused operator and the chain's inputs); the slots in ``keep`` (targets) are never
     hidden inside a chain. ``specs`` are the slots' tensor specs."""
-    producer = {step.out: i for i, step in enumerate(steps)}
-    readers: dict[int, list[Any]] = {}
-    for step in steps:
-        for slot in dict.fromkeys(step.args):
-            readers.setdefault(slot, []).append(step)
+    # By slot, in lists: the step that makes it, how often steps read it, and the last reader.
+    producer = [-1] * len(specs)
+    reads = [0] * len(specs)
+    reader: list[Any] = [None] * len(specs)
+    for i, step in enumerate(steps):
+        producer[step.out] = i
+        for slot in step.args:
+            reads[slot] += 1
+            reader[slot] = step
 
     def sole_reader(slot: int) -> Any:
-        """The step that alone reads ``slot``'s value, if that value may vanish into a chain."""
-        found = readers.get(slot, ())
-        return found[0] if len(found) == 1 and slot not in keep else None
+        """The step that alone reads ``slot``'s value (once), if that value may vanish into a
+        chain."""
+        return reader[slot] if reads[slot] == 1 and slot not in keep else None
 
     fused: dict[int, Any] = {}
     swallowed: set[int] = set()
